@@ -1,0 +1,1 @@
+"""Fleets of virtual devices, healthy and attacked, for tests, demos and benchmarks."""

@@ -1,0 +1,76 @@
+"""The `strongroom` command: one parser, subcommands grouped by role.
+
+Each role package contributes its subcommands through a `register(subparsers)` function. This is
+the only place that turns errors into messages and exit codes, and (with the daemons' own entry
+points) the only place that configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from provisioning import cli as provisioning_cli
+from strongroom import __version__, logs
+from strongroom.errors import EnvironmentFault, InputError, StrongroomError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="strongroom",
+        description="Keep proprietary code and ML models secret on edge devices.",
+    )
+    parser.add_argument("--version", action="version", version=f"strongroom {__version__}")
+    parser.add_argument(
+        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-json", action="store_true", help="log JSON lines even on a terminal")
+    roles = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
+    provisioning_cli.register(roles)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level, json=True if args.log_json else None)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("strongroom: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except StrongroomError as e:
+        print(f"strongroom: error: {e.diagnostics()}", file=sys.stderr)
+        if isinstance(e, InputError):
+            return EXIT_USAGE
+        if isinstance(e, EnvironmentFault):
+            return EXIT_ENVIRONMENT
+        return EXIT_FAILED
+    except Exception as e:
+        if os.environ.get("STRONGROOM_DEBUG"):
+            raise
+        structlog.get_logger().error("internal_error", error_type=type(e).__name__)
+        print(
+            f"strongroom: internal error ({type(e).__name__}); rerun with STRONGROOM_DEBUG=1 "
+            "for details and report it",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

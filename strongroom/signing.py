@@ -1,0 +1,112 @@
+"""Ed25519 signatures with domain separation, and the PEM files that hold the keys.
+
+Every signature Strongroom makes covers `DOMAIN || 0x00 || message`, where the domain names the
+kind of object ("strongroom/artifact-manifest/v1", ...), so a signature over one kind of object
+can never be replayed as another. Keys are stored as PKCS#8 / SubjectPublicKeyInfo PEM so that
+standard tools can read them; signing and verifying use libsodium (PyNaCl), the fastest Ed25519
+available here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import nacl.exceptions
+import nacl.signing
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from strongroom.errors import FormatError, SignatureError
+
+SIGNATURE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class VerifyKey:
+    """An Ed25519 public key."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.raw) != 32:
+            raise FormatError("an Ed25519 public key has 32 bytes")
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex SHA-256 of the raw public key: how Strongroom names a signer (like MRSIGNER)."""
+        return hashlib.sha256(self.raw).hexdigest()
+
+    def verify(self, domain: bytes, message: bytes, signature: bytes) -> None:
+        """Raise SignatureError unless `signature` is this key's over `domain` and `message`."""
+        try:
+            nacl.signing.VerifyKey(self.raw).verify(_framed(domain, message), signature)
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError) as e:
+            raise SignatureError(f"bad {domain.decode()} signature") from e
+
+    def to_pem(self) -> bytes:
+        key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> VerifyKey:
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError as e:
+            raise FormatError("not a PEM public key") from e
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise FormatError("not an Ed25519 public key")
+        return cls(key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+
+class SigningKey:
+    """An Ed25519 private key. Never printed, logged or compared by value."""
+
+    __slots__ = ("_key",)
+
+    def __init__(self, seed: bytes) -> None:
+        self._key = nacl.signing.SigningKey(seed)
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        return cls(bytes(nacl.signing.SigningKey.generate()))
+
+    @property
+    def verify_key(self) -> VerifyKey:
+        return VerifyKey(bytes(self._key.verify_key))
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        return self._key.sign(_framed(domain, message)).signature
+
+    def to_pem(self) -> bytes:
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(self._key))
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> SigningKey:
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except (ValueError, TypeError) as e:
+            raise FormatError("not an unencrypted PEM private key") from e
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise FormatError("not an Ed25519 private key")
+        return cls(
+            key.private_bytes(
+                serialization.Encoding.Raw,
+                serialization.PrivateFormat.Raw,
+                serialization.NoEncryption(),
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"SigningKey(public={self.verify_key.fingerprint[:16]}…)"
+
+
+def _framed(domain: bytes, message: bytes) -> bytes:
+    return domain + b"\x00" + message
