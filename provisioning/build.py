@@ -43,6 +43,12 @@ def collect_tree(src: Path) -> dict[str, bytes]:
             path = here / name
             if name.startswith(".") or name.endswith(".pyc"):
                 continue
+            try:
+                name.encode()
+            except UnicodeEncodeError as e:
+                raise InputError(
+                    f"file name is not valid UTF-8: {here / name!r}", hint="rename the file"
+                ) from e
             mode = path.lstat().st_mode
             if stat.S_ISLNK(mode):
                 raise InputError(

@@ -131,7 +131,10 @@ class Keystore:
         """The entry and its data key; the caller wipes the returned bytearray after use."""
         entry, wrapped = self._load(key_id)
         nonce = get_hex(wrapped, "nonce", _WHAT, 12)
-        ciphertext = bytes.fromhex(get_str(wrapped, "ciphertext", _WHAT))
+        try:
+            ciphertext = bytes.fromhex(get_str(wrapped, "ciphertext", _WHAT))
+        except ValueError as e:
+            raise KeystoreError(f"{_WHAT} {key_id}: wrapped key is not hex") from e
         try:
             key = bytearray(self._kek().decrypt(nonce, ciphertext, entry.identity()))
         except InvalidTag as e:

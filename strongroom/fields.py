@@ -10,6 +10,7 @@ from strongroom.errors import FormatError, InputError
 DEVICE_ID_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
 ARTIFACT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 HEX_RE = re.compile(r"[0-9a-f]*")
+FIRMWARE_RE = re.compile(r"[0-9]{1,6}\.[0-9]{1,6}\.[0-9]{1,6}", re.ASCII)
 MAX_VERSION = 2**31 - 1
 
 
@@ -44,12 +45,11 @@ def check_version(value: int, what: str = "version") -> int:
 
 def parse_firmware(value: str) -> tuple[int, int, int]:
     """Parse a firmware version 'X.Y.Z' into a comparable tuple."""
-    parts = value.split(".")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 6 for p in parts):
+    if not FIRMWARE_RE.fullmatch(value):
         raise InputError(
             f"invalid firmware version {value!r}", hint="use the form X.Y.Z, e.g. 1.4.2"
         )
-    major, minor, patch = (int(p) for p in parts)
+    major, minor, patch = (int(p) for p in value.split("."))
     return major, minor, patch
 
 

@@ -22,9 +22,16 @@ PUBLIC_FILE = 0o644
 
 
 def make_private_dir(path: Path) -> None:
-    """Create `path` (and missing parents) with mode 0700; tighten it if it already exists."""
+    """Create `path` and any missing parents with mode 0700; tighten `path` if it exists."""
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
     try:
-        path.mkdir(mode=PRIVATE_DIR, parents=True, exist_ok=True)
+        for directory in reversed(missing):
+            directory.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+            os.chmod(directory, PRIVATE_DIR)
         os.chmod(path, PRIVATE_DIR)
     except OSError as e:
         raise EnvironmentFault(f"cannot create directory {path}: {e.strerror}") from e

@@ -1,0 +1,1 @@
+"""Strongroom test suite (a package so test modules can share constants from conftest)."""

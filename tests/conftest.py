@@ -1,0 +1,91 @@
+"""Shared fixtures: a fresh fleet home, the CLI run in-process, and small enclave source trees."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from provisioning.home import FleetHome, init_home
+from strongroom import cli
+
+# A small but realistic enclave: a package with a nested module and a data file.
+ENCLAVE_FILES: Mapping[str, bytes] = {
+    "main.py": b"from app import model\n\nprint(model.answer())\n",
+    "app/__init__.py": b"",
+    "app/model.py": b"def answer() -> int:\n    return 42\n",
+    "app/weights.bin": bytes(range(256)),
+}
+
+CliResult = tuple[int, str, str]
+RunCli = Callable[[Sequence[str | os.PathLike[str]]], CliResult]
+MakeEnclaveSource = Callable[..., Path]
+
+
+def write_tree(root: Path, files: Mapping[str, bytes], order: Sequence[str] | None = None) -> Path:
+    """Write `files` under `root` in the given order (default: sorted), creating directories."""
+    root.mkdir(parents=True, exist_ok=True)
+    for rel in order if order is not None else sorted(files):
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(files[rel])
+    return root
+
+
+@pytest.fixture
+def fleet_home(tmp_path: Path) -> FleetHome:
+    """A freshly initialised fleet home at tmp_path/"home"."""
+    return init_home(tmp_path / "home")
+
+
+@pytest.fixture
+def other_fleet_home(tmp_path: Path) -> FleetHome:
+    """A second, unrelated fleet with its own keys."""
+    return init_home(tmp_path / "other-home")
+
+
+@pytest.fixture
+def make_enclave_source(tmp_path: Path) -> MakeEnclaveSource:
+    """Factory: write an enclave source tree (default ENCLAVE_FILES) and return its directory."""
+
+    def make(
+        name: str = "enclave-src",
+        files: Mapping[str, bytes] = ENCLAVE_FILES,
+        order: Sequence[str] | None = None,
+    ) -> Path:
+        return write_tree(tmp_path / name, files, order)
+
+    return make
+
+
+@pytest.fixture
+def enclave_src(make_enclave_source: MakeEnclaveSource) -> Path:
+    return make_enclave_source()
+
+
+@pytest.fixture
+def run_cli(capsys: pytest.CaptureFixture[str]) -> RunCli:
+    """Run `strongroom.cli.main(argv)` in-process and return (exit code, stdout, stderr)."""
+
+    def run(argv: Sequence[str | os.PathLike[str]]) -> CliResult:
+        capsys.readouterr()  # drop anything printed before this command
+        try:
+            code = cli.main([os.fspath(a) for a in argv])
+        except SystemExit as e:  # argparse usage errors and --version exit this way
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+@pytest.fixture
+def typical_umask() -> Iterator[None]:
+    """Run with the common umask 022, so permission tests do not depend on the caller's umask."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
