@@ -24,6 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from provisioning.home import init_home, open_home
+from provisioning.keystore import Keystore
+from provisioning.seal import seal_artifact
+from strongroom import artifact
+
 MIB = 1024 * 1024
 
 
@@ -32,8 +37,6 @@ def _rss_mib() -> float:
 
 
 def _phase_seal(home: Path, src: Path, out: Path) -> dict[str, float]:
-    from provisioning.home import open_home
-    from provisioning.seal import seal_artifact
 
     fleet = open_home(home)
     baseline = _rss_mib()
@@ -44,9 +47,6 @@ def _phase_seal(home: Path, src: Path, out: Path) -> dict[str, float]:
 
 
 def _phase_open(home: Path, path: Path, consume: str) -> dict[str, float | str]:
-    from provisioning.home import open_home
-    from provisioning.keystore import Keystore
-    from strongroom import artifact
 
     fleet = open_home(home)
     trusted = fleet.verify_key("artifact")
@@ -73,7 +73,17 @@ def _openssl_gbps(block: int) -> float | None:
     if openssl is None:
         return None
     out = subprocess.run(
-        [openssl, "speed", "-evp", "aes-256-gcm", "-decrypt", "-bytes", str(block), "-seconds", "2"],
+        [
+            openssl,
+            "speed",
+            "-evp",
+            "aes-256-gcm",
+            "-decrypt",
+            "-bytes",
+            str(block),
+            "-seconds",
+            "2",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -105,8 +115,6 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from provisioning.home import init_home
-
     size = args.size_mib * MIB
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         work = Path(tmp)
@@ -133,13 +141,17 @@ def main() -> None:
         shown = f"{ref:6.2f} GB/s" if ref is not None else "   n/a (openssl not installed)"
         print(f"  openssl speed -evp aes-256-gcm {label:6}  {shown}")
     if reference:
-        print(f"  open (decrypt only) / openssl best     {gbps(decrypt_only) / reference:6.0%}  "
-              "(target >= 50%)")
+        print(
+            f"  open (decrypt only) / openssl best     {gbps(decrypt_only) / reference:6.0%}  "
+            "(target >= 50%)"
+        )
         print(f"  open (with consumer hash) / openssl    {gbps(opened) / reference:6.0%}")
     print(f"  interpreter baseline RSS               {opened['baseline_mib']:6.1f} MiB")
     for label, r in (("seal", seal), ("open", opened)):
-        print(f"  peak RSS added while {label:4}             {r['rss_added_mib']:6.1f} MiB "
-              "(target < 64 MiB)")
+        print(
+            f"  peak RSS added while {label:4}             {r['rss_added_mib']:6.1f} MiB "
+            "(target < 64 MiB)"
+        )
 
 
 if __name__ == "__main__":

@@ -102,18 +102,13 @@ def _home_arg(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--home", type=Path, required=required, help="fleet home directory")
 
 
-def register(roles: Any) -> None:
-    fleet = roles.add_parser("fleet", help="fleet home and root of trust").add_subparsers(
-        dest="command", metavar="COMMAND", required=True
-    )
+def register(groups: dict[str, Any]) -> None:
+    fleet, device, enclave, art = (groups[g] for g in ("fleet", "device", "enclave", "artifact"))
     p = fleet.add_parser("init", help="create a fleet home directory")
     p.add_argument("home", type=Path, metavar="HOME")
     p.add_argument("--force", action="store_true", help="replace an existing fleet home")
     p.set_defaults(handler=_fleet_init)
 
-    device = roles.add_parser("device", help="device enrollment").add_subparsers(
-        dest="command", metavar="COMMAND", required=True
-    )
     p = device.add_parser("enroll", help="enroll a device and write its bundle")
     p.add_argument("device_id", metavar="DEVICE_ID")
     _home_arg(p)
@@ -126,9 +121,6 @@ def register(roles: Any) -> None:
     p.add_argument("--force", action="store_true", help="re-enroll an enrolled device")
     p.set_defaults(handler=_device_enroll)
 
-    enclave = roles.add_parser("enclave", help="enclave images").add_subparsers(
-        dest="command", metavar="COMMAND", required=True
-    )
     p = enclave.add_parser("build", help="build a signed, reproducible enclave image")
     p.add_argument("src", type=Path, metavar="SRC_DIR")
     _home_arg(p)
@@ -138,9 +130,6 @@ def register(roles: Any) -> None:
     p.add_argument("--debug", action="store_true", help="mark the image as a debug build")
     p.set_defaults(handler=_enclave_build)
 
-    art = roles.add_parser("artifact", help="encrypted artifacts").add_subparsers(
-        dest="command", metavar="COMMAND", required=True
-    )
     p = art.add_parser("seal", help="encrypt code or a model under a fresh data key")
     p.add_argument("file", type=Path, metavar="FILE")
     _home_arg(p)

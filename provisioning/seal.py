@@ -4,10 +4,12 @@ put the key in the keystore with its release policy, and register the artifact i
 from __future__ import annotations
 
 import hashlib
+import io
 import secrets
 from pathlib import Path
 from typing import Any
 
+from provisioning.build import collect_tree
 from provisioning.home import FleetHome
 from provisioning.keystore import KeyEntry, Keystore, ReleasePolicy
 from provisioning.policy_file import add_artifact_reference
@@ -15,6 +17,7 @@ from strongroom import artifact
 from strongroom.errors import EnvironmentFault, FormatError, InputError, TruncatedError
 from strongroom.fields import check_artifact_name, check_version, parse_firmware
 from strongroom.fsutil import PUBLIC_FILE, atomic_writer, ensure_absent
+from strongroom.image import canonical_content
 from strongroom.policy import ArtifactReference
 from strongroom.signing import VerifyKey
 
@@ -32,7 +35,10 @@ def seal_artifact(
     measurements: tuple[str, ...] = (),
     chunk_size: int = artifact.DEFAULT_CHUNK_SIZE,
 ) -> artifact.SignedManifest:
-    """Seal `src` into `out`. The artifact appears only once its key and policy entry exist."""
+    """Seal `src` into `out`. The artifact appears only once its key and policy entry exist.
+
+    A directory (code only) is sealed as a package tree in the enclave image's canonical format.
+    """
     check_artifact_name(name)
     check_version(version)
     parse_firmware(min_firmware)
@@ -43,7 +49,15 @@ def seal_artifact(
             raise InputError(
                 f"invalid measurement {measurement!r}", hint="use 64 lowercase hex digits"
             )
-    if not src.is_file():
+    if src.is_dir():
+        if kind != "code":
+            raise InputError(
+                f"{src} is a directory", hint="only code can be sealed from a directory"
+            )
+        tree: io.BufferedIOBase | None = io.BytesIO(canonical_content(collect_tree(src)))
+    elif src.is_file():
+        tree = None
+    else:
         raise InputError(f"file to seal not found: {src}", hint="check the path")
     ensure_absent(out, "artifact")
     keystore = Keystore(home.keystore_dir)
@@ -53,7 +67,7 @@ def seal_artifact(
     data_key = bytearray(secrets.token_bytes(artifact.DATA_KEY_SIZE))
     stored = False
     try:
-        with src.open("rb") as f_in, atomic_writer(out, PUBLIC_FILE) as f_out:
+        with tree or src.open("rb") as f_in, atomic_writer(out, PUBLIC_FILE) as f_out:
             signed = artifact.seal_stream(
                 f_in,
                 f_out,

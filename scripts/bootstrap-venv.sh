@@ -19,4 +19,4 @@ if [ ! -x "$venv/bin/python" ]; then
   }
 fi
 echo "installing strongroom and its dependencies into $venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[fleet,test]'
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[fleet,onnx,test]'

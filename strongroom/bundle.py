@@ -82,9 +82,11 @@ class PlatformProfile:
     firmware: str
     debug: bool
     secure_boot: bool
+    smt: bool | None = None  # None: report the host's real SMT state
 
     def to_json_dict(self) -> dict[str, Any]:
         return {
+            "smt": self.smt,
             "format": PROFILE_FORMAT,
             "device_id": self.device_id,
             "firmware": self.firmware,
@@ -107,4 +109,5 @@ class PlatformProfile:
             firmware=firmware,
             debug=get_bool(doc, "debug", what),
             secure_boot=get_bool(doc, "secure_boot", what),
+            smt=None if doc.get("smt") is None else get_bool(doc, "smt", what),
         )

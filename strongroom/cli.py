@@ -12,8 +12,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-import structlog
-
+from agent import cli as agent_cli
 from provisioning import cli as provisioning_cli
 from strongroom import __version__, logs
 from strongroom.errors import EnvironmentFault, InputError, StrongroomError
@@ -26,6 +25,12 @@ EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
 Handler = Callable[[argparse.Namespace], int]
+ROLE_GROUPS = (
+    ("fleet", "fleet home and root of trust"),
+    ("device", "device enrollment"),
+    ("enclave", "enclave source, images and local runs"),
+    ("artifact", "encrypted code and model artifacts"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-json", action="store_true", help="log JSON lines even on a terminal")
     roles = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
-    provisioning_cli.register(roles)
+    groups = {
+        name: roles.add_parser(name, help=text).add_subparsers(
+            dest="command", metavar="COMMAND", required=True
+        )
+        for name, text in ROLE_GROUPS
+    }
+    provisioning_cli.register(groups)
+    agent_cli.register(groups)
     return parser
 
 
@@ -63,7 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if os.environ.get("STRONGROOM_DEBUG"):
             raise
-        structlog.get_logger().error("internal_error", error_type=type(e).__name__)
         print(
             f"strongroom: internal error ({type(e).__name__}); rerun with STRONGROOM_DEBUG=1 "
             "for details and report it",

@@ -84,6 +84,7 @@ class VerifiedImage:
 
     sigstruct: Sigstruct
     files: Mapping[str, bytes]
+    content: bytes  # the exact bytes that were measured
 
     @property
     def mrenclave(self) -> str:
@@ -97,9 +98,13 @@ class VerifiedImage:
 def check_path(path: str) -> str:
     """Accept only relative POSIX paths without empty, '.' or '..' parts."""
     parts = path.split("/")
+    try:
+        encoded = path.encode()
+    except UnicodeEncodeError as e:
+        raise FormatError(f"path in enclave image is not valid UTF-8: {path!r}") from e
     if (
         not path
-        or len(path.encode()) > MAX_PATH_BYTES
+        or len(encoded) > MAX_PATH_BYTES
         or any(p in ("", ".", "..") for p in parts)
         or "\\" in path
         or "\x00" in path
@@ -203,4 +208,4 @@ def load_image(data: bytes) -> VerifiedImage:
             "enclave image content does not match its signed measurement (MRENCLAVE)",
             hint="the image was modified after signing; rebuild it with `strongroom enclave build`",
         )
-    return VerifiedImage(sigstruct, parse_content(content))
+    return VerifiedImage(sigstruct, parse_content(content), content)

@@ -1,0 +1,79 @@
+"""On-device subcommands: `enclave source` and `enclave run`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from agent.devkeys import dev_wrapped_key
+from agent.enclave_source import write_enclave_source
+from agent.host import EnclaveHost, HostConfig
+from provisioning.home import open_home
+from strongroom.errors import InputError
+
+
+def _enclave_source(args: argparse.Namespace) -> int:
+    signer = open_home(args.home).verify_key("artifact")
+    written = write_enclave_source(
+        args.out,
+        signer,
+        min_firmware=args.min_firmware,
+        smt=args.smt,
+        require_secure_boot=not args.allow_insecure_boot,
+        seal_policy=args.seal_policy,
+    )
+    print(json.dumps({"source": str(args.out.absolute()), "files": written}, indent=2))
+    return 0
+
+
+def _enclave_run(args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.input)
+    except json.JSONDecodeError as e:
+        raise InputError(f"INPUT is not valid JSON: {e.msg}") from e
+    if args.dev_keys_from and not args.dev:
+        raise InputError(
+            "--dev-keys-from needs --dev", hint="development keys are never used in production"
+        )
+    config = HostConfig(bundle=args.bundle, state_dir=args.state, production=not args.dev)
+    with EnclaveHost(config) as host:
+        info = host.start(args.image)
+        for path in args.artifact:
+            key = dev_wrapped_key(args.dev_keys_from, info, path) if args.dev_keys_from else None
+            host.load_artifact(path, key)
+        result = host.invoke(args.entrypoint, value, timeout=args.timeout)
+    print(json.dumps(result))
+    return 0
+
+
+def register(groups: dict[str, Any]) -> None:
+    enclave = groups["enclave"]
+    p = enclave.add_parser("source", help="write the standard enclave source tree for `build`")
+    p.add_argument("out", type=Path, metavar="OUT_DIR")
+    p.add_argument("--home", type=Path, required=True, help="fleet home (for its artifact signer)")
+    p.add_argument("--min-firmware", default="1.0.0", metavar="X.Y.Z")
+    p.add_argument("--smt", default="allow", choices=["allow", "deny"])
+    p.add_argument("--allow-insecure-boot", action="store_true")
+    p.add_argument("--seal-policy", default="signer", choices=["signer", "measurement"])
+    p.set_defaults(handler=_enclave_source)
+
+    p = enclave.add_parser(
+        "run", help="launch an enclave, load artifacts and invoke protected code once"
+    )
+    p.add_argument("entrypoint", metavar="MODULE:FUNCTION")
+    p.add_argument("input", metavar="INPUT_JSON")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--state", type=Path, required=True, help="host state directory (sealed keys)")
+    p.add_argument("--artifact", type=Path, action="append", default=[], metavar="ARTIFACT")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
+    p.add_argument(
+        "--dev-keys-from",
+        type=Path,
+        metavar="HOME",
+        help="development only: wrap keys from this fleet home (debug enclaves only)",
+    )
+    p.set_defaults(handler=_enclave_run)

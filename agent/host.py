@@ -1,0 +1,253 @@
+"""The host: the untrusted part of the agent. It starts the platform, hands it the image, relays
+artifacts, wrapped keys and sealed blobs to the enclave, stores sealed blobs, and asks for
+`invoke`. It never holds platform secrets, data keys or plaintext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
+from agent.errors import (
+    BundleError,
+    EnclaveCrashedError,
+    EnclaveError,
+    InvokeError,
+    LaunchError,
+    LocalAttestationError,
+)
+from agent.report import Report
+from strongroom import artifact, bundle, canonical
+from strongroom.errors import StrongroomError
+from strongroom.fsutil import SECRET_FILE, make_private_dir, read_file, write_atomic
+from strongroom.image import MAX_CONTENT_SIZE, load_image
+
+log = structlog.get_logger()
+INVOKE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    bundle: Path
+    state_dir: Path
+    production: bool = True
+    start_timeout_s: float = 30.0
+    invoke_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class WrappedKey:
+    """A data key wrapped to this enclave instance, and the binding it was wrapped with."""
+
+    wrapped: bytes
+    aad: bytes
+
+
+@dataclass(frozen=True)
+class EnclaveInfo:
+    pid: int
+    report: Report
+    public_key: bytes
+    hardening: tuple[str, ...]
+
+
+def read_bundle_info(bundle_dir: Path) -> bundle.BundleInfo:
+    if not (bundle_dir / bundle.BUNDLE_FILE).is_file():
+        raise BundleError(f"{bundle_dir} is not a device bundle")
+    try:
+        doc = read_file(bundle_dir / bundle.BUNDLE_FILE, "bundle")
+        return bundle.BundleInfo.from_json_dict(canonical.loads_object(doc, "bundle"))
+    except StrongroomError as e:
+        raise BundleError(f"{bundle_dir}: {e}") from e
+
+
+class EnclaveHost:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.info = read_bundle_info(config.bundle)
+        self._platform_proc: subprocess.Popen[bytes] | None = None
+        self._platform: Channel | None = None
+        self._enclave: Channel | None = None
+        self.enclave: EnclaveInfo | None = None
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def start(self, image_path: Path) -> EnclaveInfo:
+        image = read_file(image_path, "enclave image", limit=MAX_CONTENT_SIZE + 8192)
+        try:
+            verified = load_image(image)  # early, friendly refusal; the platform checks again
+        except StrongroomError as e:
+            raise LaunchError(f"enclave image refused: {e}") from e
+        if verified.sigstruct.debug and self.config.production:
+            raise LaunchError(
+                "debug enclave image refused by the production configuration",
+                hint="build the image without --debug (debug images are for development only)",
+            )
+        host_platform, platform_end = socket.socketpair()
+        host_enclave, enclave_end = socket.socketpair()
+        self._platform_proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent.platform_main",
+                str(self.config.bundle.absolute()),
+                str(platform_end.fileno()),
+                str(enclave_end.fileno()),
+            ],
+            pass_fds=(platform_end.fileno(), enclave_end.fileno()),
+            stdin=subprocess.DEVNULL,
+        )
+        platform_end.close()
+        enclave_end.close()
+        self._platform, self._enclave = Channel(host_platform), Channel(host_enclave)
+        try:
+            self._platform.send({"op": "launch", "size": len(image)})
+            for start in range(0, len(image), PIECE_SIZE):
+                self._platform.send({"op": "piece", "data": image[start : start + PIECE_SIZE]})
+            launched = self._platform.recv(timeout=self.config.start_timeout_s)
+            if launched["op"] != "launched":
+                raise LaunchError(f"platform refused the image: {launched.get('reason')}")
+            ready = self._enclave.recv(timeout=self.config.start_timeout_s)
+        except (ChannelError, ChannelClosed) as e:
+            self.stop()
+            raise EnclaveCrashedError(f"enclave did not start: {e}") from e
+        except LaunchError:
+            self.stop()
+            raise
+        if ready["op"] == "refused":
+            self.stop()
+            raise LocalAttestationError(f"enclave refused the platform: {ready.get('reason')}")
+        check(ready, {"public_key": bytes, "report": bytes, "hardening": str})
+        self.enclave = EnclaveInfo(
+            pid=int(launched["pid"]),
+            report=Report.from_body(ready["report"]),
+            public_key=ready["public_key"],
+            hardening=tuple(h for h in ready["hardening"].split(",") if h),
+        )
+        if "memory_locked" not in self.enclave.hardening:
+            log.warning("enclave_memory_not_locked", reason="RLIMIT_MEMLOCK is limited")
+        log.info(
+            "enclave_ready",
+            mrenclave=self.enclave.report.identity.mrenclave,
+            svn=self.enclave.report.identity.svn,
+        )
+        return self.enclave
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _request(self, msg: Message, timeout: float) -> Message:
+        if self._enclave is None:
+            raise EnclaveError("the enclave is not running")
+        try:
+            reply = self._enclave.request(msg, timeout=timeout)
+        except ChannelClosed as e:
+            self.stop()
+            raise EnclaveCrashedError(f"enclave stopped answering: {e}") from e
+        if reply["op"] == "error":
+            raise EnclaveError(str(reply.get("reason", "enclave refused")))
+        return reply
+
+    def _sealed_path(self, name: str) -> Path:
+        return self.config.state_dir / "sealed" / f"{name}.blob"
+
+    def load_artifact(self, path: Path, key: WrappedKey | None = None) -> Message:
+        """Load an artifact into the enclave with a wrapped key, or from its sealed blob."""
+        try:
+            with path.open("rb") as f:
+                signed = artifact.read_manifest(f)
+                header_end = f.tell()
+                f.seek(0)
+                header = f.read(header_end)
+                body_size = os.fstat(f.fileno()).st_size - header_end
+        except OSError as e:
+            raise BundleError(f"cannot read artifact {path}: {e.strerror}") from e
+        name = signed.manifest.name
+        msg: Message = {"op": "load", "header": header, "body_size": body_size}
+        if key is not None:
+            msg.update(wrapped_key=key.wrapped, key_aad=key.aad)
+        elif self._sealed_path(name).is_file():
+            msg["sealed"] = read_file(self._sealed_path(name), "sealed blob", limit=4096)
+        timeout = self.config.start_timeout_s
+        self._request(msg, timeout)  # "send_body", or an error with the reason
+        assert self._enclave is not None  # noqa: S101 - _request checked it
+        with path.open("rb") as f:
+            f.seek(header_end)
+            while piece := f.read(PIECE_SIZE):
+                self._enclave.send({"op": "piece", "data": piece})
+        try:
+            reply = self._enclave.recv(timeout=timeout)
+        except ChannelClosed as e:
+            self.stop()
+            raise EnclaveCrashedError(f"enclave stopped answering: {e}") from e
+        if reply["op"] == "error":
+            raise EnclaveError(str(reply.get("reason")))
+        if isinstance(reply.get("sealed"), bytes):
+            make_private_dir(self._sealed_path(name).parent)
+            write_atomic(self._sealed_path(name), reply.pop("sealed"), SECRET_FILE)
+        log.info("artifact_loaded", artifact=name, version=reply.get("version"))
+        return reply
+
+    def invoke(self, entrypoint: str, value: Any, timeout: float | None = None) -> Any:
+        """Run protected code in the enclave and return its JSON result."""
+        timeout = timeout or self.config.invoke_timeout_s
+        try:
+            reply = self._request(
+                {"op": "invoke", "entrypoint": entrypoint, "input": value, "timeout": timeout},
+                timeout + INVOKE_GRACE_S,
+            )
+        except EnclaveCrashedError:
+            raise
+        except EnclaveError as e:
+            raise InvokeError(str(e)) from e
+        return json.loads(check(reply, {"json": str})["json"])
+
+    def status(self) -> Message:
+        return self._request({"op": "status"}, 10)
+
+    def stop(self) -> None:
+        """Ask the enclave to wipe itself and stop the platform (and with it the enclave)."""
+        if self._enclave is not None:
+            if self.enclave is not None:  # it is up: let it wipe itself before it stops
+                with contextlib.suppress(ChannelError):
+                    self._enclave.request({"op": "shutdown"}, timeout=5)
+            self._enclave.close()
+            self._enclave = None
+        if self._platform is not None:
+            with contextlib.suppress(ChannelError):
+                self._platform.send({"op": "shutdown"})
+            self._platform.close()
+            self._platform = None
+        proc = self._platform_proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        self._platform_proc = None
+
+    def __enter__(self) -> EnclaveHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def manifest_of(path: Path) -> artifact.ArtifactManifest:
+    """The (unverified) manifest of an artifact file; the enclave verifies it."""
+    try:
+        with path.open("rb") as f:
+            return artifact.read_manifest(f).manifest
+    except OSError as e:
+        raise BundleError(f"cannot read artifact {path}: {e.strerror}") from e
