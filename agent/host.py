@@ -203,7 +203,12 @@ class EnclaveHost:
         timeout = timeout or self.config.invoke_timeout_s
         try:
             reply = self._request(
-                {"op": "invoke", "entrypoint": entrypoint, "input": value, "timeout": timeout},
+                {
+                    "op": "invoke",
+                    "entrypoint": entrypoint,
+                    "input": value,
+                    "timeout": float(timeout),
+                },
                 timeout + INVOKE_GRACE_S,
             )
         except EnclaveCrashedError:
@@ -211,6 +216,12 @@ class EnclaveHost:
         except EnclaveError as e:
             raise InvokeError(str(e)) from e
         return json.loads(check(reply, {"json": str})["json"])
+
+    def evidence(self, nonce: bytes) -> bytes:
+        """Signed evidence (EAT) from the enclave's platform, bound to `nonce`."""
+        return bytes(
+            check(self._request({"op": "evidence", "nonce": nonce}, 30), {"token": bytes})["token"]
+        )
 
     def status(self) -> Message:
         return self._request({"op": "status"}, 10)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -23,9 +24,18 @@ import structlog
 from agent import platform_keys
 from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
 from agent.errors import LaunchError, PlatformFault
-from agent.report import EnclaveIdentity, PlatformClaims, Report, mac_report
+from agent.report import (
+    EnclaveIdentity,
+    PlatformClaims,
+    Report,
+    ReportError,
+    key_binding,
+    mac_report,
+    verify_report,
+)
 from strongroom import bundle, canonical
 from strongroom.errors import StrongroomError
+from strongroom.evidence import ArtifactClaim, EnclaveClaims, Evidence, sign_evidence, ueid_for
 from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
 from strongroom.image import VerifiedImage, load_image
 from strongroom.signing import SigningKey
@@ -142,6 +152,8 @@ class SimulatedPlatform:
             except platform_keys.KeyRequestError as e:
                 return {"op": "error", "reason": str(e)}
             return {"op": "key", "key": key}
+        if op == "quote":
+            return self._quote(identity, msg)
         if op in ("counter_read", "counter_advance"):
             check(msg, {"name": str}, {"value": int})
             name = f"{identity.mrsigner}:{identity.product_id}:{msg['name']}"
@@ -152,6 +164,56 @@ class SimulatedPlatform:
             except StrongroomError as e:
                 return {"op": "error", "reason": str(e)}
         raise ChannelError(f"unknown platform request {op!r}")
+
+    def _quote(self, identity: EnclaveIdentity, msg: Message) -> Message:
+        """The quoting function: a verified report of this enclave becomes signed evidence."""
+        check(
+            msg,
+            {"body": bytes, "mac": bytes, "nonce": bytes, "enclave_key": bytes, "artifacts": list},
+        )
+        try:
+            report = verify_report(
+                platform_keys.report_key(self._root, identity.mrenclave), msg["body"], msg["mac"]
+            )
+        except ReportError as e:
+            return {"op": "error", "reason": f"quote refused: {e}"}
+        if report.identity != identity:
+            return {"op": "error", "reason": "quote refused: report of another enclave"}
+        if len(msg["nonce"]) > 64 or report.report_data != key_binding(
+            msg["enclave_key"], msg["nonce"]
+        ):
+            return {"op": "error", "reason": "quote refused: report does not bind key and nonce"}
+        try:
+            artifacts = tuple(
+                ArtifactClaim(str(n), int(v), str(d)) for n, v, d in msg["artifacts"][:64]
+            )
+        except (TypeError, ValueError) as e:
+            raise ChannelError("malformed artifact list in quote request") from e
+        seq = self.counters.advance("evidence-seq", self.counters.read("evidence-seq") + 1)
+        claims = report.claims
+        evidence = Evidence(
+            device_id=self.profile.device_id,
+            nonce=msg["nonce"],
+            ueid=ueid_for(self._attestation_key.verify_key),
+            iat=int(time.time()),
+            seq=seq,
+            platform_debug=claims.debug,
+            firmware=claims.firmware,
+            secure_boot=claims.secure_boot,
+            smt=claims.smt,
+            enclave=EnclaveClaims(
+                identity.mrenclave,
+                identity.mrsigner,
+                identity.product_id,
+                identity.svn,
+                identity.debug,
+            ),
+            artifacts=artifacts,
+            local_attestation="passed",
+            enclave_key=msg["enclave_key"],
+            key_binding=report.report_data,
+        )
+        return {"op": "evidence", "token": sign_evidence(evidence, self._attestation_key)}
 
     def serve(self, identity: EnclaveIdentity, chan: Channel) -> None:
         """Serve the enclave's requests until it closes its channel."""

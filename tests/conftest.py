@@ -10,6 +10,7 @@ import pytest
 
 from provisioning.home import FleetHome, init_home
 from strongroom import cli
+from tests.enclave_env import DeviceEnv, make_env
 
 # A small but realistic enclave: a package with a nested module and a data file.
 ENCLAVE_FILES: Mapping[str, bytes] = {
@@ -89,3 +90,10 @@ def typical_umask() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
+
+
+@pytest.fixture
+def device_env(tmp_path: Path) -> DeviceEnv:
+    """A fleet with one enrolled device (dev-a), a debug enclave image and sealed artifacts:
+    `vendor` (code with a unique marker) and `model` (bytes with a unique marker)."""
+    return make_env(tmp_path)

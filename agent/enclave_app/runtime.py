@@ -64,6 +64,14 @@ class PlatformClient:
         reply = self._ask("seal_key", policy=policy, svn=svn, key_id=key_id)
         return bytes(check(reply, {"key": bytes})["key"])
 
+    def quote(
+        self, body: bytes, mac: bytes, nonce: bytes, key: bytes, artifacts: list[Any]
+    ) -> bytes:
+        reply = self._ask(
+            "quote", body=body, mac=mac, nonce=nonce, enclave_key=key, artifacts=artifacts
+        )
+        return bytes(check(reply, {"token": bytes})["token"])
+
     def counter(self, name: str) -> int:
         return int(check(self._ask("counter_read", name=name), {"value": int})["value"])
 
@@ -283,6 +291,16 @@ class Enclave:
             raise KeyError(f"no model {name!r} is loaded")
         return self._plaintext[name]
 
+    def evidence(self, msg: Message) -> Message:
+        """Signed evidence for a verifier's nonce, binding this enclave's public key."""
+        check(msg, {"nonce": bytes})
+        if not 16 <= len(msg["nonce"]) <= 64:
+            raise Refusal("a nonce has 16 to 64 bytes")
+        body, mac = self._platform.report(key_binding(self.public_key, msg["nonce"]))
+        loaded = [[m.name, m.version, m.sha256] for m in self._manifests.values()]
+        token = self._platform.quote(body, mac, msg["nonce"], self.public_key, loaded)
+        return {"op": "evidence", "token": token}
+
     # -- invoke --------------------------------------------------------------------------------
 
     def invoke(self, msg: Message) -> Message:
@@ -342,6 +360,8 @@ class Enclave:
                     reply = self.load(msg)
                 elif op == "invoke":
                     reply = self.invoke(msg)
+                elif op == "evidence":
+                    reply = self.evidence(msg)
                 elif op == "status":
                     reply = {
                         "op": "status",
@@ -394,6 +414,8 @@ def main(policy: Any) -> int:
         host.send({"op": "refused", "reason": str(e)})
         return 3
     sys.modules["strongroom_enclave"] = api_module(enclave)
+    # A terminated enclave still wipes what it holds: SIGTERM unwinds through serve()'s finally.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(0))
     host.send(
         {
             "op": "ready",
