@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Provisioning walk-through: create a fleet, enroll devices, build a signed enclave image, seal a
-# code and a model artifact, inspect them, and show what a bad input looks like. Everything goes
+# Walk-through: create a fleet, enroll devices, build a signed enclave image, seal code and a
+# model, run a prediction inside the enclave, restart offline, and show refusals. Everything goes
 # into a temporary directory, which is printed at the end.
 set -euo pipefail
 venv=${1:-.venv}
@@ -15,19 +15,30 @@ step "Enroll a device (bundle with TLS identity and simulated platform)" \
 step "Enroll a device whose platform runs in debug mode" \
   "$sr" device enroll cam-002 --home "$work/home" --out "$work/cam-002" --debug-platform
 
-mkdir -p "$work/enclave-src" "$work/vendor"
-printf 'def main():\n    return "enclave up"\n' > "$work/enclave-src/__main__.py"
-printf 'def predict(x):\n    return sum(x) / len(x)  # proprietary\n' > "$work/vendor/scorer.py"
-head -c 3000000 /dev/urandom > "$work/model.bin"
-
-step "Build a signed, reproducible enclave image (registers its measurement in the policy)" \
-  "$sr" enclave build "$work/enclave-src" --home "$work/home" --svn 1 --out "$work/enclave.img"
-step "Seal proprietary code" \
-  "$sr" artifact seal "$work/vendor/scorer.py" --home "$work/home" --name scorer --version 1 --kind code --out "$work/scorer.sra"
-step "Seal a model" \
-  "$sr" artifact seal "$work/model.bin" --home "$work/home" --name model --version 1 --kind model --out "$work/model.sra"
+step "Write the standard enclave source (runtime + its own policy, trusting this fleet's artifact signer)" \
+  "$sr" enclave source "$work/enclave-src" --home "$work/home"
+step "Build a signed, reproducible debug enclave image (registers its measurement in the policy)" \
+  "$sr" enclave build "$work/enclave-src" --home "$work/home" --svn 1 --debug --out "$work/enclave.img"
+step "Make the example ONNX model (no download)" \
+  "$venv/bin/python" examples/build_model.py "$work/model.onnx"
+step "Seal the example protected package (code)" \
+  "$sr" artifact seal examples/protected_scorer --home "$work/home" --name scorer --version 1 --kind code --out "$work/scorer.sra"
+step "Seal the model" \
+  "$sr" artifact seal "$work/model.onnx" --home "$work/home" --name demo-model --version 1 --kind model --out "$work/model.sra"
 step "Inspect the model artifact (signed manifest, never key material)" \
   "$sr" artifact inspect "$work/model.sra" --home "$work/home"
+features='{"features": [0.5, 1, -2, 3, 0, 0.1, 4, -1, 2, 2, 0, 1, -0.5, 3, 1, 0]}'
+step "Run a prediction inside the enclave (development keys from the fleet home; debug image only)" \
+  "$sr" enclave run scorer:predict "$features" --bundle "$work/cam-001" --image "$work/enclave.img" \
+    --state "$work/cam-001-state" --artifact "$work/model.sra" --artifact "$work/scorer.sra" --dev --dev-keys-from "$work/home"
+step "Run again offline: the enclave unseals the keys it sealed to itself" \
+  "$sr" enclave run scorer:predict "$features" --bundle "$work/cam-001" --image "$work/enclave.img" \
+    --state "$work/cam-001-state" --artifact "$work/model.sra" --artifact "$work/scorer.sra" --dev
+step "Build the production image (no --debug)" \
+  "$sr" enclave build "$work/enclave-src" --home "$work/home" --svn 1 --out "$work/enclave-prod.img"
+printf '\n\033[1m== On the debug-mode platform, the production enclave fails local attestation\033[0m\n'
+"$sr" enclave run scorer:predict "$features" --bundle "$work/cam-002" --image "$work/enclave-prod.img" \
+  --state "$work/cam-002-state" --artifact "$work/model.sra" || echo "(exit status $?)"
 
 printf '\n\033[1m== A bad input gives one clear line and a non-zero exit\033[0m\n'
 head -c 100 "$work/model.sra" > "$work/broken.sra"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +15,7 @@ import pytest
 
 from agent.channel import Channel
 from tests.enclave_env import CODE_MARKER, MODEL_MARKER, DeviceEnv
+from tests.privileges import unprivileged
 
 MARKERS = (CODE_MARKER.encode(), MODEL_MARKER)
 
@@ -106,24 +105,12 @@ _READER = textwrap.dedent(
 )
 
 
-def _unprivileged(argv: list[str]) -> list[str]:
-    """Run as this user without any capability (as root: uid 0 with an empty capability set,
-    which ptrace treats like any other unprivileged user; the interpreter lives under /root,
-    so another uid could not run it)."""
-    if os.geteuid() != 0:
-        return argv
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root needs setpriv (util-linux) to drop capabilities")
-    return [setpriv, "--inh-caps=-all", "--bounding-set=-all", "--", *argv]
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc")
 def test_another_process_of_the_same_user_cannot_read_enclave_memory(
     device_env: DeviceEnv,
 ) -> None:
     holder = subprocess.Popen(
-        _unprivileged(
+        unprivileged(
             [
                 sys.executable,
                 "-c",
@@ -138,7 +125,7 @@ def test_another_process_of_the_same_user_cannot_read_enclave_memory(
         stdout=subprocess.PIPE,
         text=True,
     )
-    control = subprocess.Popen(_unprivileged([sys.executable, "-c", "import time; time.sleep(60)"]))
+    control = subprocess.Popen(unprivileged([sys.executable, "-c", "import time; time.sleep(60)"]))
     try:
         assert holder.stdout is not None
         enclave_pid = int(holder.stdout.readline())
@@ -146,7 +133,7 @@ def test_another_process_of_the_same_user_cannot_read_enclave_memory(
 
         def probe(pid: int) -> str:
             out = subprocess.run(
-                _unprivileged([*read, str(pid)]), capture_output=True, text=True, check=True
+                unprivileged([*read, str(pid)]), capture_output=True, text=True, check=True
             )
             return out.stdout.strip()
 
