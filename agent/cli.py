@@ -7,11 +7,20 @@ import json
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from agent.daemon import AgentConfig, AgentDaemon
 from agent.devkeys import dev_wrapped_key
 from agent.enclave_source import write_enclave_source
-from agent.host import EnclaveHost, HostConfig
+from agent.host import EnclaveHost, HostConfig, read_bundle_info
+from agent.local_api import call
 from provisioning.home import open_home
 from strongroom.errors import InputError
+from strongroom.fsutil import make_private_dir
+from strongroom.mqtt import parse_broker_url
+from strongroom.signals import stop_event
+
+log = structlog.get_logger()
 
 
 def _enclave_source(args: argparse.Namespace) -> int:
@@ -48,7 +57,71 @@ def _enclave_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    state = args.state or args.bundle / "state"
+    return state, args.socket or state / "agent.sock"
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    read_bundle_info(args.bundle)  # a clear error for a wrong path before anything starts
+    host, port = parse_broker_url(args.broker)
+    image = args.image or args.bundle / "enclave.img"
+    artifacts_dir = args.artifacts or args.bundle / "artifacts"
+    artifacts = tuple(sorted(artifacts_dir.glob("*.sra"))) if artifacts_dir.is_dir() else ()
+    state, socket_path = _agent_paths(args)
+    make_private_dir(state)
+    config = AgentConfig(
+        bundle=args.bundle,
+        broker_host=host,
+        broker_port=port,
+        image=image,
+        artifacts=artifacts,
+        state_dir=state,
+        socket=socket_path,
+        production=not args.dev,
+        attest_interval_s=args.interval,
+    )
+    daemon = AgentDaemon(config)
+    stop = stop_event()
+    log.info(
+        "agent_starting", device=daemon.device_id, broker=args.broker, artifacts=len(artifacts)
+    )
+    daemon.run(stop)
+    return 0
+
+
+def _agent_invoke(args: argparse.Namespace) -> int:
+    try:
+        value = json.loads(args.input)
+    except json.JSONDecodeError as e:
+        raise InputError(f"INPUT is not valid JSON: {e.msg}") from e
+    _state, socket_path = _agent_paths(args)
+    print(json.dumps(call(socket_path, args.entrypoint, value, timeout=args.timeout)))
+    return 0
+
+
 def register(groups: dict[str, Any]) -> None:
+    agent = groups["agent"]
+    p = agent.add_parser("run", help="run the agent daemon (foreground; fit for systemd)")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtts://HOST:PORT")
+    p.add_argument("--image", type=Path, help="enclave image (default: BUNDLE/enclave.img)")
+    p.add_argument("--artifacts", type=Path, help="directory of *.sra (default: BUNDLE/artifacts)")
+    p.add_argument("--state", type=Path, help="host state directory (default: BUNDLE/state)")
+    p.add_argument("--socket", type=Path, help="local API socket (default: STATE/agent.sock)")
+    p.add_argument("--interval", type=float, default=300.0, help="seconds between attestations")
+    p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
+    p.set_defaults(handler=_agent_run)
+
+    p = agent.add_parser("invoke", help="call protected code through the running agent")
+    p.add_argument("entrypoint", metavar="MODULE:FUNCTION")
+    p.add_argument("input", metavar="INPUT_JSON")
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--state", type=Path)
+    p.add_argument("--socket", type=Path)
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.set_defaults(handler=_agent_invoke)
+
     enclave = groups["enclave"]
     p = enclave.add_parser("source", help="write the standard enclave source tree for `build`")
     p.add_argument("out", type=Path, metavar="OUT_DIR")

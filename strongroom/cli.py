@@ -16,6 +16,7 @@ from agent import cli as agent_cli
 from provisioning import cli as provisioning_cli
 from strongroom import __version__, logs
 from strongroom.errors import EnvironmentFault, InputError, StrongroomError
+from verifier import cli as verifier_cli
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -30,6 +31,9 @@ ROLE_GROUPS = (
     ("device", "device enrollment"),
     ("enclave", "enclave source, images and local runs"),
     ("artifact", "encrypted code and model artifacts"),
+    ("broker", "the fleet's MQTT broker"),
+    ("verifier", "the fleet verifier and key broker"),
+    ("agent", "the on-device agent daemon and its local API"),
 )
 
 
@@ -52,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     provisioning_cli.register(groups)
     agent_cli.register(groups)
+    verifier_cli.register(groups)
     return parser
 
 

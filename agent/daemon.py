@@ -1,0 +1,221 @@
+"""The agent daemon: keeps the enclave attested, keyed and reachable.
+
+- starts the enclave (host, platform, enclave processes) and loads artifacts from sealed keys;
+- connects to the broker with the device's mTLS identity; its last will marks it offline;
+- answers every challenge: with a key request while some artifact lacks a key, else with evidence;
+- attests on its own at the policy interval; evidence goes through the on-disk outbox, so none is
+  lost while the broker is away or across a restart;
+- serves the local API (Unix socket) for applications on the device;
+- on SIGTERM: marks itself offline, has the enclave wipe itself, and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.errors import EnclaveError
+from agent.host import EnclaveHost, HostConfig, WrappedKey, manifest_of
+from agent.local_api import LocalApi
+from agent.outbox import Outbox
+from strongroom import bundle, messages, topics
+from strongroom.errors import StrongroomError
+from strongroom.mqtt import Inbound, MqttClient, MqttError, MqttSettings, Will
+
+log = structlog.get_logger()
+DEFAULT_INTERVAL_S = 300.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    bundle: Path
+    broker_host: str
+    broker_port: int
+    image: Path
+    artifacts: tuple[Path, ...]
+    state_dir: Path
+    socket: Path
+    production: bool = True
+    attest_interval_s: float = DEFAULT_INTERVAL_S
+    outbox_capacity: int = 1000
+    mqtt_protocol: int = 5
+
+
+class AgentDaemon:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.host = EnclaveHost(
+            HostConfig(
+                bundle=config.bundle, state_dir=config.state_dir, production=config.production
+            )
+        )
+        self.device_id = self.host.info.device_id
+        self.outbox = Outbox(config.state_dir / "outbox", config.outbox_capacity)
+        self._enclave_lock = threading.Lock()
+        self.missing: dict[str, Path] = {}  # key id -> artifact still waiting for its key
+        self.mqtt = MqttClient(self._mqtt_settings())
+        self.api: LocalApi | None = None
+        self._last_attest = 0.0
+        self.sent = 0
+
+    def _mqtt_settings(self) -> MqttSettings:
+        b, c = self.config.bundle, self.config
+        offline = messages.Status("offline", 0).encode()
+        return MqttSettings(
+            host=c.broker_host,
+            port=c.broker_port,
+            ca=b / bundle.TLS_CA_FILE,
+            cert=b / bundle.TLS_CERT_FILE,
+            key=b / bundle.TLS_KEY_FILE,
+            client_id=self.device_id,
+            protocol=5 if c.mqtt_protocol == 5 else 311,
+            will=Will(topics.device_topic(self.device_id, topics.STATUS), offline),
+        )
+
+    # -- enclave -------------------------------------------------------------------------------
+
+    def start_enclave(self) -> None:
+        self.host.start(self.config.image)
+        for path in self.config.artifacts:
+            try:
+                self.host.load_artifact(path)
+                log.info("artifact_unsealed", artifact=path.name)
+            except EnclaveError as e:
+                log.info("artifact_needs_key", artifact=path.name, reason=str(e))
+                self.missing[manifest_of(path).key_id] = path
+
+    def invoke(self, entrypoint: str, value: Any) -> Any:
+        with self._enclave_lock:
+            return self.host.invoke(entrypoint, value)
+
+    def _evidence(self, nonce: bytes) -> bytes:
+        with self._enclave_lock:
+            return self.host.evidence(nonce)
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def flush(self) -> bool:
+        """Send what waits in the outbox, in order; True when it is empty."""
+        for item in self.outbox.pending():
+            try:
+                self.mqtt.publish(item.topic, item.payload)
+            except MqttError as e:
+                log.info("outbox_waits", pending=len(self.outbox), reason=str(e))
+                return False
+            self.outbox.done(item)
+            self.sent += 1
+        return True
+
+    def attest(self, nonce: bytes | None = None) -> None:
+        """Queue evidence (for a challenge's nonce, or our own) and try to send it."""
+        token = self._evidence(nonce or os.urandom(32))
+        self.outbox.put(topics.device_topic(self.device_id, topics.EVIDENCE), token)
+        self._last_attest = time.monotonic()
+        self.flush()
+
+    def on_challenge(self, payload: bytes) -> None:
+        challenge = messages.Challenge.decode(payload)
+        if self.missing and self.flush():
+            token = self._evidence(challenge.nonce)
+            request = messages.KeyRequest(token, tuple(self.missing))
+            self.mqtt.publish(
+                topics.device_topic(self.device_id, topics.KEYS_REQUEST), request.encode()
+            )
+            log.info("keys_requested", keys=len(self.missing))
+            self._last_attest = time.monotonic()
+        else:
+            self.attest(challenge.nonce)
+
+    def on_keys(self, payload: bytes) -> None:
+        response = messages.KeyResponse.decode(payload)
+        for key in response.keys:
+            path = self.missing.get(key.key_id)
+            if path is None:
+                continue
+            try:
+                with self._enclave_lock:
+                    self.host.load_artifact(path, WrappedKey(key.wrapped, key.aad))
+                del self.missing[key.key_id]
+                log.info("artifact_loaded_with_released_key", artifact=path.name)
+            except EnclaveError as e:
+                log.error("released_key_refused_by_enclave", artifact=path.name, reason=str(e))
+        for key_id, reason in response.refused:
+            log.warning("key_refused", key_id=key_id, reason=reason)
+        if response.keys:
+            self.attest()  # tell the fleet what the enclave runs now
+
+    def handle(self, msg: Inbound) -> None:
+        try:
+            device_id, leaf = topics.parse(msg.topic)
+            if device_id != self.device_id:
+                return
+            if leaf == topics.CHALLENGE:
+                self.on_challenge(msg.payload)
+            elif leaf == topics.KEYS_RESPONSE:
+                self.on_keys(msg.payload)
+        except MqttError as e:
+            log.warning("reply_not_sent", reason=str(e))
+        except StrongroomError as e:
+            log.warning("message_rejected", topic=msg.topic[:120], reason=str(e))
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        self.start_enclave()
+        self.api = LocalApi(self.config.socket, self.invoke).start()
+        for leaf in (topics.CHALLENGE, topics.KEYS_RESPONSE, topics.COMMAND):
+            self.mqtt.subscribe(topics.device_topic(self.device_id, leaf))
+        self.mqtt.start()
+        was_connected = False
+        try:
+            while not stop.is_set():
+                connected = self.mqtt.connected.is_set()
+                if connected and not was_connected:
+                    self._announce()
+                was_connected = connected
+                msg = self.mqtt.receive(timeout=0.2)
+                if msg is not None:
+                    self.handle(msg)
+                if time.monotonic() - self._last_attest >= self.config.attest_interval_s:
+                    self.attest()
+                elif connected and len(self.outbox):
+                    self.flush()
+        finally:
+            self.shutdown()
+
+    def _announce(self) -> None:
+        """After each (re)connect: deliver what waited, then say we are online."""
+        log.info("broker_connected", device=self.device_id)
+        try:
+            self.flush()
+            online = messages.Status("online", time.time()).encode()
+            self.mqtt.publish(
+                topics.device_topic(self.device_id, topics.STATUS), online, retain=True
+            )
+        except MqttError as e:
+            log.warning("announce_failed", reason=str(e))
+
+    def shutdown(self) -> None:
+        if self.mqtt.connected.is_set():
+            try:
+                offline = messages.Status("offline", time.time()).encode()
+                self.mqtt.publish(
+                    topics.device_topic(self.device_id, topics.STATUS),
+                    offline,
+                    retain=True,
+                    timeout=2,
+                )
+            except MqttError:
+                log.info("offline_status_not_sent")
+        self.mqtt.stop()
+        if self.api is not None:
+            self.api.stop()
+        with self._enclave_lock:
+            self.host.stop()
+        log.info("agent_stopped", device=self.device_id, evidence_sent=self.sent)

@@ -1,0 +1,102 @@
+"""The agent's local API for applications on the device: a Unix socket (mode 0600).
+
+One JSON line in (`{"entrypoint": "module:function", "input": ...}`), one JSON line out
+(`{"ok": true, "result": ...}` or `{"ok": false, "error": "..."}`). Requests are capped at 1 MiB.
+Only results of protected code cross it, never plaintext.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import socketserver
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from agent.errors import InvokeError
+from strongroom.errors import InputError, StrongroomError
+
+MAX_REQUEST = 1024 * 1024
+MAX_SOCKET_PATH = 100
+Invoke = Callable[[str, Any], Any]
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        line = self.rfile.readline(MAX_REQUEST + 1)
+        try:
+            if len(line) > MAX_REQUEST:
+                raise InputError("request larger than 1 MiB")
+            request = json.loads(line)
+            if not isinstance(request, dict) or not isinstance(request.get("entrypoint"), str):
+                raise InputError("request needs an 'entrypoint' string")
+            result = self.server.invoke(request["entrypoint"], request.get("input"))
+            reply: dict[str, Any] = {"ok": True, "result": result}
+        except json.JSONDecodeError:
+            reply = {"ok": False, "error": "request is not valid JSON"}
+        except StrongroomError as e:
+            reply = {"ok": False, "error": str(e)}
+        self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: Path, invoke: Invoke) -> None:
+        self.invoke = invoke
+        super().__init__(str(path), _Handler)
+
+
+class LocalApi:
+    def __init__(self, path: Path, invoke: Invoke) -> None:
+        if len(str(path)) > MAX_SOCKET_PATH:
+            raise InputError(f"socket path is too long: {path}", hint="pass a shorter --socket")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        old = os.umask(0o177)  # the socket is created 0600
+        try:
+            self._server = _Server(path, invoke)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.path = path
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> LocalApi:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def call(path: Path, entrypoint: str, value: Any, timeout: float = 60.0) -> Any:
+    """Client side: ask the agent at `path` to invoke protected code; return the result."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(str(path))
+        except OSError as e:
+            raise InputError(
+                f"cannot reach the agent at {path}: {e.strerror}",
+                hint="is `strongroom agent run` running with this bundle?",
+            ) from e
+        sock.sendall(json.dumps({"entrypoint": entrypoint, "input": value}).encode() + b"\n")
+        with sock.makefile("rb") as f:
+            line = f.readline(MAX_REQUEST + 1)
+    try:
+        reply = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise InputError("the agent gave no valid answer") from e
+    if not reply.get("ok"):
+        raise InvokeError(str(reply.get("error", "the agent refused")))
+    return reply.get("result")

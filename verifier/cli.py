@@ -1,0 +1,76 @@
+"""Fleet-side daemons: `broker run` and `verifier run`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
+from provisioning.home import VERIFIER_CN, open_home
+from strongroom.mqtt import MqttClient, MqttSettings, parse_broker_url
+from strongroom.signals import stop_event
+from verifier.service import Verifier, VerifierConfig, verifier_db_path
+from verifier.store_sqlite import SqliteStore
+
+log = structlog.get_logger()
+
+
+def _broker_run(args: argparse.Namespace) -> int:
+    home = open_home(args.home)
+    find_mosquitto()  # a clear error before anything is written
+    files = write_broker_config(home, port=args.port, bind=args.bind)
+    log.info("broker_starting", port=args.port, bind=args.bind, config=str(files.config))
+    exec_mosquitto(files)
+    return 0  # not reached: mosquitto replaced this process
+
+
+def _verifier_run(args: argparse.Namespace) -> int:
+    home = open_home(args.home)
+    host, port = parse_broker_url(args.broker)
+    mqtt = MqttClient(
+        MqttSettings(
+            host=host,
+            port=port,
+            ca=home.ca_cert,
+            cert=home.root / "verifier" / "client.pem",
+            key=home.root / "verifier" / "client.key",
+            client_id=VERIFIER_CN,
+        )
+    )
+    store = SqliteStore(args.db or verifier_db_path(home))
+    verifier = Verifier(
+        VerifierConfig(home=home, shared=args.shared, challenge_interval_s=args.challenge_interval),
+        store,
+        mqtt,
+    )
+    stop = stop_event()
+    mqtt.start()
+    log.info("verifier_started", broker=args.broker, devices=len(verifier.devices))
+    try:
+        verifier.run(stop.is_set)
+    finally:
+        mqtt.stop()
+        store.close()
+        log.info("verifier_stopped", **verifier.counts)
+    return 0
+
+
+def register(groups: dict[str, Any]) -> None:
+    p = groups["broker"].add_parser("run", help="run Mosquitto with the fleet's TLS and ACL config")
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    p.set_defaults(handler=_broker_run)
+
+    p = groups["verifier"].add_parser("run", help="run the fleet verifier and key broker")
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--broker", default=f"mqtts://localhost:{DEFAULT_PORT}", metavar="URL")
+    p.add_argument(
+        "--db", type=Path, help="SQLite state file (default: HOME/verifier/state.sqlite)"
+    )
+    p.add_argument("--shared", action="store_true", help="join the $share/verifiers group")
+    p.add_argument("--challenge-interval", type=float, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_verifier_run)

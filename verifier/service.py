@@ -1,0 +1,287 @@
+"""The fleet verifier and key broker: the MQTT loop around appraisal, release and the state store.
+
+One message at a time from the adapter's inbox. Evidence is size-checked, matched to the topic's
+device, verified with that device's registered key, checked for freshness in the store (one
+transaction), appraised (pure), and answered with a signed EAR retained on `fleet/<id>/result`.
+Key requests carry evidence that must answer an outstanding challenge; only an affirming result
+releases keys, each wrapped (HPKE) to the enclave key bound in that evidence. Anything malformed,
+unsigned, wrongly signed, replayed or from an unknown device is logged with its reason, raises an
+alert on `fleet/alerts`, and changes no state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from provisioning.home import FleetHome
+from provisioning.keystore import Keystore
+from provisioning.registry import DeviceRecord, Registry
+from strongroom import keywrap, messages, topics
+from strongroom.ear import AttestationResult, sign_result
+from strongroom.errors import IntegrityError, StrongroomError
+from strongroom.evidence import Evidence, evidence_kid, verify_evidence
+from strongroom.mqtt import Inbound, MqttClient, MqttError
+from strongroom.policy import FleetPolicy
+from strongroom.signing import SigningKey
+from verifier.appraisal import appraise
+from verifier.release import refusal
+from verifier.store import Freshness, StateStore
+
+log = structlog.get_logger()
+NONCE_SIZE = 32
+REGISTRY_RELOAD_S = 5.0
+KEY_AAD_DOMAIN = b"strongroom/key-release/v1|"
+
+
+class Rejected(IntegrityError):
+    """Evidence or a request that is not accepted; the reason goes to the log and the alerts."""
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    home: FleetHome
+    shared: bool = False  # join the `$share/verifiers` group (several verifier processes)
+    challenge_interval_s: float | None = None  # default: the policy's attestation interval
+
+
+def key_aad(device_id: str, nonce: bytes) -> bytes:
+    """The binding a released key is wrapped with: this device, this request."""
+    return KEY_AAD_DOMAIN + device_id.encode() + b"|" + nonce
+
+
+class Verifier:
+    def __init__(
+        self,
+        config: VerifierConfig,
+        store: StateStore,
+        mqtt: MqttClient,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config, self.store, self.mqtt, self.clock = config, store, mqtt, clock
+        home = config.home
+        self.registry = Registry(home.registry_dir)
+        self.keystore = Keystore(home.keystore_dir)
+        self._result_key = SigningKey.from_pem(
+            (home.root / "verifier" / "result-signing.key").read_bytes()
+        )
+        self.policy: FleetPolicy = home.load_policy()
+        self.devices: dict[str, DeviceRecord] = {}
+        self._last_reload = 0.0
+        self._last_round = 0.0
+        self.counts: dict[str, int] = {}
+        self.reload()
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Re-read the registry and the policy (they are edited by provisioning commands)."""
+        devices = {}
+        for device_id in self.registry.device_ids():
+            try:
+                devices[device_id] = self.registry.get(device_id)
+            except StrongroomError as e:
+                log.error("registry_entry_unreadable", device=device_id, reason=str(e))
+        self.devices = devices
+        self.store.sync_devices(devices.values())
+        try:
+            self.policy = self.config.home.load_policy()
+        except StrongroomError as e:
+            log.error("policy_unreadable_keeping_previous", reason=str(e))
+        self._last_reload = self.clock()
+
+    def subscriptions(self) -> list[str]:
+        leaves = (topics.EVIDENCE, topics.KEYS_REQUEST, topics.STATUS)
+        wrap = topics.shared if self.config.shared else (lambda t: t)
+        return [wrap(topics.any_device(leaf)) for leaf in leaves]
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def alert(self, severity: str, device_id: str, reason: str) -> None:
+        log.warning("alert", severity=severity, device=device_id, reason=reason)
+        self._count(f"alert_{severity}")
+        try:
+            payload = messages.Alert(severity, device_id, reason, self.clock()).encode()
+            self.mqtt.publish(topics.ALERTS, payload)
+        except MqttError as e:
+            log.error("alert_not_published", reason=str(e))
+
+    def challenge(self, device_id: str) -> None:
+        nonce = os.urandom(NONCE_SIZE)
+        expires = self.clock() + self.policy.nonce_ttl_s
+        self.store.issue_nonce(device_id, nonce, expires)
+        payload = messages.Challenge(nonce, expires).encode()
+        self.mqtt.publish(topics.device_topic(device_id, topics.CHALLENGE), payload)
+        self._count("challenges")
+
+    # -- evidence ------------------------------------------------------------------------------
+
+    def _verified(self, device_id: str, token: bytes) -> Evidence:
+        device = self.devices.get(device_id)
+        if device is None:
+            raise Rejected(f"evidence from unknown device {device_id}")
+        if evidence_kid(token) != device_id:
+            raise Rejected("evidence names another device than its topic")
+        ev = verify_evidence(token, device.attestation_key)
+        if ev.device_id != device_id:
+            raise Rejected("evidence subject is another device")
+        return ev
+
+    def _appraise(
+        self, device_id: str, token: bytes, *, need_fresh: bool
+    ) -> tuple[Evidence, str] | None:
+        """Verify, check freshness and appraise; publish the result and return the evidence and
+        its status (None for a duplicate delivery, which is ignored)."""
+        ev = self._verified(device_id, token)
+        freshness = self.store.accept_evidence(
+            device_id, ev.nonce, ev.seq, hashlib.sha256(token).digest(), self.clock()
+        )
+        if freshness is Freshness.DUPLICATE:
+            self._count("duplicates")
+            return None
+        if freshness in (Freshness.REPLAY, Freshness.EXPIRED):
+            raise Rejected(f"{freshness.value} evidence (sequence {ev.seq})")
+        if need_fresh and freshness is not Freshness.FRESH:
+            raise Rejected("a key request must answer an outstanding challenge")
+        appraisal = appraise(ev, self.policy, self.devices[device_id])
+        result = AttestationResult(
+            device_id=device_id,
+            status=appraisal.status,
+            vector=appraisal.vector,
+            reasons=appraisal.reasons,
+            policy_id=f"policy:v{self.policy.version}",
+            iat=int(self.clock()),
+            details={
+                "firmware": ev.firmware,
+                "svn": ev.enclave.svn,
+                "mrenclave": ev.enclave.mrenclave,
+                "artifacts": {a.name: a.version for a in ev.artifacts},
+                "seq": ev.seq,
+                "freshness": freshness.value,
+            },
+        )
+        token_out = sign_result(result, self._result_key)
+        self.store.save_result(device_id, result.status, token_out, self.clock())
+        self.mqtt.publish(topics.device_topic(device_id, topics.RESULT), token_out, retain=True)
+        self._count(f"appraised_{result.status}")
+        log.info(
+            "appraised",
+            device=device_id,
+            status=result.status,
+            seq=ev.seq,
+            reasons=list(result.reasons),
+        )
+        if result.status == "contraindicated":
+            self.alert("critical", device_id, "; ".join(result.reasons))
+        return ev, result.status
+
+    def handle_evidence(self, device_id: str, payload: bytes) -> None:
+        self._appraise(device_id, payload, need_fresh=False)
+
+    def handle_key_request(self, device_id: str, payload: bytes) -> None:
+        request = messages.KeyRequest.decode(payload)
+        appraised = self._appraise(device_id, request.evidence, need_fresh=True)
+        if appraised is None:
+            return
+        ev, status = appraised
+        released, refused = [], []
+        for key_id in request.key_ids:
+            reason = self._release_refusal(key_id, ev, status)
+            if reason is not None:
+                refused.append((key_id, reason))
+                log.warning("key_refused", device=device_id, key_id=key_id, reason=reason)
+                continue
+            _entry, data_key = self.keystore.unwrap(key_id)
+            try:
+                aad = key_aad(device_id, ev.nonce)
+                wrapped = keywrap.wrap_key(ev.enclave_key, data_key, key_id=key_id, aad=aad)
+            finally:
+                data_key[:] = bytes(len(data_key))
+            released.append(messages.ReleasedKey(key_id, wrapped, aad))
+            log.info("key_released", device=device_id, key_id=key_id)
+            self._count("keys_released")
+        self.counts["keys_refused"] = self.counts.get("keys_refused", 0) + len(refused)
+        response = messages.KeyResponse(ev.nonce, tuple(released), tuple(refused))
+        self.mqtt.publish(topics.device_topic(device_id, topics.KEYS_RESPONSE), response.encode())
+
+    def _release_refusal(self, key_id: str, ev: Evidence, status: str) -> str | None:
+        if status != "affirming":
+            return f"attestation result is {status}"
+        try:
+            entry = self.keystore.entry(key_id)
+        except StrongroomError:
+            return "unknown key"
+        return refusal(entry, ev, self.policy)
+
+    def handle_status(self, device_id: str, payload: bytes) -> None:
+        if device_id not in self.devices:
+            raise Rejected(f"status from unknown device {device_id}")
+        status = messages.Status.decode(payload)
+        self.store.set_online(device_id, status.state == "online", self.clock())
+        if status.state == "online":
+            self.challenge(device_id)
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def handle(self, msg: Inbound) -> None:
+        try:
+            device_id, leaf = topics.parse(msg.topic)
+            if len(msg.payload) > messages.MAX_PAYLOAD:
+                raise Rejected(f"{leaf} payload of {len(msg.payload)} bytes is too large")
+            if leaf == topics.EVIDENCE:
+                self._count("evidence")
+                self.handle_evidence(device_id, msg.payload)
+            elif leaf == topics.KEYS_REQUEST:
+                self._count("key_requests")
+                self.handle_key_request(device_id, msg.payload)
+            elif leaf == topics.STATUS and msg.payload:  # empty: a cleared retained message
+                self.handle_status(device_id, msg.payload)
+        except StrongroomError as e:
+            self._count("rejected")
+            device = msg.topic.split("/")[1] if msg.topic.count("/") >= 2 else "?"
+            log.warning("message_rejected", topic=msg.topic[:120], reason=str(e))
+            self.alert("warning", device[:64], f"rejected {msg.topic[:120]}: {e}")
+
+    def tick(self) -> None:
+        now = self.clock()
+        if now - self._last_reload >= REGISTRY_RELOAD_S:
+            self.reload()
+        interval = self.config.challenge_interval_s or self.policy.attestation_interval_s
+        if now - self._last_round >= interval:
+            self._last_round = now
+            for device_id in self.store.online_devices():
+                try:
+                    self.challenge(device_id)
+                except MqttError as e:
+                    log.warning("challenge_not_sent", device=device_id, reason=str(e))
+
+    def run(self, stop: Callable[[], bool]) -> None:
+        for topic in self.subscriptions():
+            self.mqtt.subscribe(topic)
+        self._last_round = self.clock()
+        was_connected = self.mqtt.connected.is_set()
+        while not stop():
+            connected = self.mqtt.connected.is_set()
+            if connected and not was_connected:
+                log.info("broker_connected")
+            was_connected = connected
+            msg = self.mqtt.receive(timeout=0.2)
+            if msg is not None:
+                try:
+                    self.handle(msg)
+                except MqttError as e:
+                    log.warning("reply_not_published", topic=msg.topic[:120], reason=str(e))
+            self.tick()
+
+
+def verifier_db_path(home: FleetHome) -> Path:
+    return home.root / "verifier" / "state.sqlite"

@@ -1,0 +1,51 @@
+"""The verifier's state: devices, nonces, sequence numbers and latest results.
+
+`StateStore` is the seam; SQLite (WAL) is the default implementation. Every check-and-update that
+guards freshness is a single transaction with conditional updates, never in-memory state, so that
+several verifier processes sharing one database stay correct.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from provisioning.registry import DeviceRecord
+
+
+class Freshness(enum.Enum):
+    FRESH = "fresh"  # answers an outstanding challenge of ours
+    PERIODIC = "periodic"  # the device's own nonce; fresh by its increasing sequence number
+    DUPLICATE = "duplicate"  # the very evidence we accepted last (an MQTT redelivery)
+    REPLAY = "replay"  # sequence number not above the last one, or a nonce used before
+    EXPIRED = "expired"  # our challenge, answered after it expired
+
+
+@dataclass(frozen=True)
+class StoredResult:
+    device_id: str
+    status: str
+    token: bytes
+    at: float
+
+
+class StateStore(Protocol):
+    def sync_devices(self, records: Iterable[DeviceRecord]) -> None: ...
+
+    def issue_nonce(self, device_id: str, nonce: bytes, expires: float) -> None: ...
+
+    def accept_evidence(
+        self, device_id: str, nonce: bytes, seq: int, token_hash: bytes, now: float
+    ) -> Freshness: ...
+
+    def save_result(self, device_id: str, status: str, token: bytes, at: float) -> None: ...
+
+    def result(self, device_id: str) -> StoredResult | None: ...
+
+    def set_online(self, device_id: str, online: bool, at: float) -> None: ...
+
+    def online_devices(self) -> list[str]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,125 @@
+"""SQLite (WAL) implementation of the verifier's state store."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+from provisioning.registry import DeviceRecord
+from verifier.store import Freshness, StoredResult
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    last_seq INTEGER NOT NULL DEFAULT 0,
+    last_hash BLOB,
+    online INTEGER NOT NULL DEFAULT 0,
+    seen_at REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    nonce BLOB PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    expires REAL NOT NULL,
+    used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS results (
+    device_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    token BLOB NOT NULL,
+    at REAL NOT NULL
+);
+"""
+NONCE_RETENTION_S = 3600
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def sync_devices(self, records: Iterable[DeviceRecord]) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for r in records:
+                self._db.execute(
+                    "INSERT INTO devices (device_id, status) VALUES (?, ?) "
+                    "ON CONFLICT (device_id) DO UPDATE SET status = excluded.status",
+                    (r.device_id, r.status),
+                )
+
+    def issue_nonce(self, device_id: str, nonce: bytes, expires: float) -> None:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO nonces (nonce, device_id, expires) VALUES (?, ?, ?)",
+                (nonce, device_id, expires),
+            )
+            self._db.execute("DELETE FROM nonces WHERE expires < ?", (expires - NONCE_RETENTION_S,))
+
+    def accept_evidence(
+        self, device_id: str, nonce: bytes, seq: int, token_hash: bytes, now: float
+    ) -> Freshness:
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            row = self._db.execute(
+                "SELECT last_seq, last_hash FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                return Freshness.REPLAY
+            last_seq, last_hash = row
+            if last_hash == token_hash:
+                return Freshness.DUPLICATE
+            if seq <= last_seq:
+                return Freshness.REPLAY
+            found = self._db.execute(
+                "SELECT used, expires FROM nonces WHERE nonce = ? AND device_id = ?",
+                (nonce, device_id),
+            ).fetchone()
+            freshness = Freshness.PERIODIC
+            if found is not None:
+                used, expires = found
+                if used:
+                    return Freshness.REPLAY
+                if expires < now:
+                    return Freshness.EXPIRED
+                self._db.execute("UPDATE nonces SET used = 1 WHERE nonce = ?", (nonce,))
+                freshness = Freshness.FRESH
+            updated = self._db.execute(
+                "UPDATE devices SET last_seq = ?, last_hash = ?, seen_at = ? "
+                "WHERE device_id = ? AND last_seq < ?",
+                (seq, token_hash, now, device_id, seq),
+            ).rowcount
+            return freshness if updated == 1 else Freshness.REPLAY
+
+    def save_result(self, device_id: str, status: str, token: bytes, at: float) -> None:
+        with self._db:
+            self._db.execute(
+                "INSERT INTO results (device_id, status, token, at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET status = excluded.status, "
+                "token = excluded.token, at = excluded.at",
+                (device_id, status, token, at),
+            )
+
+    def result(self, device_id: str) -> StoredResult | None:
+        row = self._db.execute(
+            "SELECT status, token, at FROM results WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return None if row is None else StoredResult(device_id, row[0], bytes(row[1]), row[2])
+
+    def set_online(self, device_id: str, online: bool, at: float) -> None:
+        with self._db:
+            self._db.execute(
+                "UPDATE devices SET online = ?, seen_at = MAX(seen_at, ?) WHERE device_id = ?",
+                (int(online), at, device_id),
+            )
+
+    def online_devices(self) -> list[str]:
+        rows = self._db.execute("SELECT device_id FROM devices WHERE online = 1").fetchall()
+        return [r[0] for r in rows]
+
+    def close(self) -> None:
+        self._db.close()
