@@ -30,6 +30,7 @@ from strongroom.mqtt import Inbound, MqttClient, MqttError, MqttSettings, Will
 
 log = structlog.get_logger()
 DEFAULT_INTERVAL_S = 300.0
+KEY_RETRY_S = 15.0  # while artifacts lack keys, announce again this often to get a challenge
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class AgentDaemon:
         self.mqtt = MqttClient(self._mqtt_settings())
         self.api: LocalApi | None = None
         self._last_attest = 0.0
+        self._last_announce = 0.0
         self.sent = 0
 
     def _mqtt_settings(self) -> MqttSettings:
@@ -177,11 +179,18 @@ class AgentDaemon:
             while not stop.is_set():
                 connected = self.mqtt.connected.is_set()
                 if connected and not was_connected:
+                    log.info("broker_connected", device=self.device_id)
                     self._announce()
                 was_connected = connected
                 msg = self.mqtt.receive(timeout=0.2)
                 if msg is not None:
                     self.handle(msg)
+                if (
+                    connected
+                    and self.missing
+                    and time.monotonic() - self._last_announce >= KEY_RETRY_S
+                ):
+                    self._announce()  # still waiting for keys: ask for a new challenge
                 if time.monotonic() - self._last_attest >= self.config.attest_interval_s:
                     self.attest()
                 elif connected and len(self.outbox):
@@ -191,7 +200,7 @@ class AgentDaemon:
 
     def _announce(self) -> None:
         """After each (re)connect: deliver what waited, then say we are online."""
-        log.info("broker_connected", device=self.device_id)
+        self._last_announce = time.monotonic()
         try:
             self.flush()
             online = messages.Status("online", time.time()).encode()

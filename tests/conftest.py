@@ -11,6 +11,7 @@ import pytest
 from provisioning.home import FleetHome, init_home
 from strongroom import cli
 from tests.enclave_env import DeviceEnv, make_env
+from tests.fleet import Fleet
 
 # A small but realistic enclave: a package with a nested module and a data file.
 ENCLAVE_FILES: Mapping[str, bytes] = {
@@ -97,3 +98,11 @@ def device_env(tmp_path: Path) -> DeviceEnv:
     """A fleet with one enrolled device (dev-a), a debug enclave image and sealed artifacts:
     `vendor` (code with a unique marker) and `model` (bytes with a unique marker)."""
     return make_env(tmp_path)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A real fleet (Mosquitto with the generated config, verifier, agents); `start()` it."""
+    f = Fleet(tmp_path)
+    yield f
+    f.stop()

@@ -125,10 +125,18 @@ class Verifier:
 
     # -- evidence ------------------------------------------------------------------------------
 
-    def _verified(self, device_id: str, token: bytes) -> Evidence:
+    def _device(self, device_id: str, what: str) -> DeviceRecord:
+        """The registry record; a device enrolled since the last reload is picked up at once."""
         device = self.devices.get(device_id)
+        if device is None and self.registry.exists(device_id):
+            self.reload()
+            device = self.devices.get(device_id)
         if device is None:
-            raise Rejected(f"evidence from unknown device {device_id}")
+            raise Rejected(f"{what} from unknown device {device_id}")
+        return device
+
+    def _verified(self, device_id: str, token: bytes) -> Evidence:
+        device = self._device(device_id, "evidence")
         if evidence_kid(token) != device_id:
             raise Rejected("evidence names another device than its topic")
         ev = verify_evidence(token, device.attestation_key)
@@ -223,8 +231,7 @@ class Verifier:
         return refusal(entry, ev, self.policy)
 
     def handle_status(self, device_id: str, payload: bytes) -> None:
-        if device_id not in self.devices:
-            raise Rejected(f"status from unknown device {device_id}")
+        self._device(device_id, "status")
         status = messages.Status.decode(payload)
         self.store.set_online(device_id, status.state == "online", self.clock())
         if status.state == "online":

@@ -1,0 +1,288 @@
+"""Real fleet components for integration tests: Mosquitto with the generated TLS + ACL config,
+the verifier and agents as processes, and an observer with the read-only dashboard identity."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioning.broker import find_mosquitto, write_broker_config
+from provisioning.home import DASHBOARD_CN, FleetHome
+from strongroom import messages, topics
+from strongroom.ear import AttestationResult, verify_result
+from strongroom.errors import StrongroomError
+from strongroom.mqtt import Inbound, MqttClient, MqttSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+class Proc:
+    """A child process whose combined output goes to a log file."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("ab")
+        self.p = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self._log.close()
+        return self.p.returncode
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "strongroom.cli", "--log-level", "info", *args]
+
+
+@dataclass
+class Broker:
+    home: FleetHome
+    port: int
+    logdir: Path
+    proc: Proc | None = None
+
+    def start(self) -> None:
+        files = write_broker_config(self.home, port=self.port)
+        self.proc = Proc([find_mosquitto(), "-c", str(files.config)], self.logdir / "broker.log")
+        wait_until(self._accepting, 10, "mosquitto to listen")
+
+    def _accepting(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtts://localhost:{self.port}"
+
+
+@dataclass
+class Observer:
+    """Reads what any dashboard may read: results, status and alerts."""
+
+    home: FleetHome
+    port: int
+    seen: list[Inbound] = field(default_factory=list)
+    client: MqttClient | None = None
+
+    def start(self) -> Observer:
+        self.client = MqttClient(
+            MqttSettings(
+                "localhost",
+                self.port,
+                self.home.ca_cert,
+                self.home.root / "dashboard" / "client.pem",
+                self.home.root / "dashboard" / "client.key",
+                DASHBOARD_CN,
+                session_expiry_s=0,
+                clean_start=True,
+            )
+        ).start()
+        self.client.wait_connected(10)
+        for leaf in (topics.RESULT, topics.STATUS):
+            self.client.subscribe(topics.any_device(leaf))
+        self.client.subscribe(topics.ALERTS)
+        return self
+
+    def drain(self) -> list[Inbound]:
+        assert self.client is not None
+        while (msg := self.client.receive(0.01)) is not None:
+            self.seen.append(msg)
+        return self.seen
+
+    def results(self, device_id: str) -> list[AttestationResult]:
+        key = self.home.result_verify_key()
+        topic = topics.device_topic(device_id, topics.RESULT)
+        return [verify_result(m.payload, key) for m in self.drain() if m.topic == topic]
+
+    def wait_result(self, device_id: str, status: str, timeout: float = 30) -> AttestationResult:
+        def found() -> AttestationResult | None:
+            matching = [r for r in self.results(device_id) if r.status == status]
+            return matching[-1] if matching else None
+
+        result: AttestationResult = wait_until(found, timeout, f"{status} result for {device_id}")
+        return result
+
+    def alerts(self) -> list[messages.Alert]:
+        out = []
+        for m in self.drain():
+            if m.topic == topics.ALERTS:
+                with contextlib.suppress(StrongroomError):
+                    out.append(messages.Alert.decode(m.payload))
+        return out
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+
+
+def short_socket_dir() -> Path:
+    """Unix socket paths are limited to ~100 bytes; pytest's tmp paths can be longer."""
+    return Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))
+
+
+def require_mosquitto() -> None:
+    try:
+        find_mosquitto()
+    except StrongroomError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip("mosquitto is not installed (make test installs it)")
+
+
+def copy_into_bundle(bundle: Path, image: Path, artifacts: list[Path]) -> None:
+    shutil.copy(image, bundle / "enclave.img")
+    (bundle / "artifacts").mkdir(exist_ok=True)
+    for a in artifacts:
+        shutil.copy(a, bundle / "artifacts" / a.name)
+
+
+class Fleet:
+    """A fleet home with a production enclave image and sealed artifacts, a real Mosquitto, the
+    verifier process and agent processes. Call `start()` after any policy changes."""
+
+    def __init__(self, root: Path) -> None:
+        from agent.enclave_source import write_enclave_source  # noqa: PLC0415 - heavy imports
+        from provisioning.build import build_enclave  # noqa: PLC0415
+        from provisioning.home import init_home  # noqa: PLC0415
+        from provisioning.seal import seal_artifact  # noqa: PLC0415
+
+        require_mosquitto()
+        self.root = root
+        self.home = init_home(root / "home")
+        src = root / "enclave-src"
+        write_enclave_source(src, self.home.verify_key("artifact"))
+        self.image = root / "enclave.img"
+        build_enclave(self.home, src, self.image, svn=1)
+        code = root / "vendor.py"
+        code.write_text("def echo(x):\n    return {'echo': x}\n")
+        self.code = root / "vendor-v1.sra"
+        seal_artifact(self.home, code, self.code, name="vendor", version=1, kind="code")
+        self.broker = Broker(self.home, free_port(), root)
+        self.verifier: Proc | None = None
+        self.agents: dict[str, Proc] = {}
+        self.sockets = short_socket_dir()
+        self.observer: Observer | None = None
+
+    def start(self, *, challenge_interval: float | None = None) -> Fleet:
+        self.broker.start()
+        self.start_verifier(challenge_interval=challenge_interval)
+        self.observer = Observer(self.home, self.broker.port).start()
+        return self
+
+    def start_verifier(self, *, challenge_interval: float | None = None) -> None:
+        argv = cli("verifier", "run", "--home", str(self.home.root), "--broker", self.broker.url)
+        if challenge_interval:
+            argv += ["--challenge-interval", str(challenge_interval)]
+        self.verifier = Proc(argv, self.root / "verifier.log")
+        wait_until(lambda: "verifier_started" in self.verifier.log(), 20, "verifier start")
+
+    def set_policy(self, text_from: str, text_to: str) -> None:
+        path = self.home.policy_path
+        text = path.read_text()
+        assert text_from in text
+        path.write_text(text.replace(text_from, text_to))
+
+    def enroll(
+        self,
+        device_id: str,
+        *,
+        image: Path | None = None,
+        artifacts: list[Path] | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        from provisioning.enroll import enroll_device  # noqa: PLC0415
+
+        bundle = self.root / device_id
+        enroll_device(self.home, device_id, bundle, **kwargs)
+        copy_into_bundle(
+            bundle, image or self.image, [self.code] if artifacts is None else artifacts
+        )
+        return bundle
+
+    def socket(self, device_id: str) -> Path:
+        return self.sockets / f"{device_id}.sock"
+
+    def agent(self, device_id: str, *, interval: float = 300, dev: bool = False) -> Proc:
+        argv = cli(
+            "agent",
+            "run",
+            "--bundle",
+            str(self.root / device_id),
+            "--broker",
+            self.broker.url,
+            "--socket",
+            str(self.socket(device_id)),
+            "--interval",
+            str(interval),
+        )
+        if dev:
+            argv.append("--dev")
+        proc = Proc(argv, self.root / f"agent-{device_id}.log")
+        self.agents[device_id] = proc
+        return proc
+
+    def invoke(
+        self, device_id: str, entrypoint: str, value: str
+    ) -> subprocess.CompletedProcess[str]:
+        argv = cli(
+            "agent",
+            "invoke",
+            "--bundle",
+            str(self.root / device_id),
+            "--socket",
+            str(self.socket(device_id)),
+            entrypoint,
+            value,
+        )
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    def stop(self) -> None:
+        for proc in self.agents.values():
+            proc.stop()
+        if self.observer is not None:
+            self.observer.stop()
+        if self.verifier is not None:
+            self.verifier.stop()
+        self.broker.stop()
+        shutil.rmtree(self.sockets, ignore_errors=True)
