@@ -17,7 +17,7 @@ from agent.local_api import call
 from provisioning.home import open_home
 from strongroom.errors import InputError
 from strongroom.fsutil import make_private_dir
-from strongroom.mqtt import parse_broker_url
+from strongroom.mqtt import add_mqtt_version, mqtt_protocol, parse_broker_url
 from strongroom.signals import stop_event
 
 log = structlog.get_logger()
@@ -80,6 +80,7 @@ def _agent_run(args: argparse.Namespace) -> int:
         socket=socket_path,
         production=not args.dev,
         attest_interval_s=args.interval,
+        mqtt_protocol=mqtt_protocol(args.mqtt),
     )
     daemon = AgentDaemon(config)
     stop = stop_event()
@@ -111,6 +112,7 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--socket", type=Path, help="local API socket (default: STATE/agent.sock)")
     p.add_argument("--interval", type=float, default=300.0, help="seconds between attestations")
     p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
+    add_mqtt_version(p)
     p.set_defaults(handler=_agent_run)
 
     p = agent.add_parser("invoke", help="call protected code through the running agent")

@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import structlog
 
@@ -45,7 +45,7 @@ class AgentConfig:
     production: bool = True
     attest_interval_s: float = DEFAULT_INTERVAL_S
     outbox_capacity: int = 1000
-    mqtt_protocol: int = 5
+    mqtt_protocol: Literal[5, 311] = 5
 
 
 class AgentDaemon:
@@ -76,7 +76,7 @@ class AgentDaemon:
             cert=b / bundle.TLS_CERT_FILE,
             key=b / bundle.TLS_KEY_FILE,
             client_id=self.device_id,
-            protocol=5 if c.mqtt_protocol == 5 else 311,
+            protocol=c.mqtt_protocol,
             will=Will(topics.device_topic(self.device_id, topics.STATUS), offline),
         )
 

@@ -70,6 +70,20 @@ class Inbound:
     retain: bool
 
 
+def mqtt_protocol(version: str) -> Literal[5, 311]:
+    return 311 if version == "3.1.1" else 5
+
+
+def add_mqtt_version(parser: Any) -> None:
+    """The `--mqtt` option of every command that connects to the broker."""
+    parser.add_argument(
+        "--mqtt",
+        default="5",
+        choices=["5", "3.1.1"],
+        help="MQTT version (3.1.1 for the embedded broker)",
+    )
+
+
 def parse_broker_url(url: str) -> tuple[str, int]:
     """`mqtts://host:port` (or host:port) into (host, port)."""
     rest = url.removeprefix("mqtts://")

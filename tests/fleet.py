@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -75,12 +75,26 @@ class Broker:
     home: FleetHome
     port: int
     logdir: Path
+    embedded: bool = False
     proc: Proc | None = None
 
     def start(self) -> None:
-        files = write_broker_config(self.home, port=self.port)
-        self.proc = Proc([find_mosquitto(), "-c", str(files.config)], self.logdir / "broker.log")
-        wait_until(self._accepting, 10, "mosquitto to listen")
+        log = self.logdir / "broker.log"
+        if self.embedded:
+            argv = cli(
+                "broker",
+                "run",
+                "--embedded",
+                "--home",
+                str(self.home.root),
+                "--port",
+                str(self.port),
+            )
+            self.proc = Proc(argv, log)
+        else:
+            files = write_broker_config(self.home, port=self.port)
+            self.proc = Proc([find_mosquitto(), "-c", str(files.config)], log)
+        wait_until(self._accepting, 20, "the broker to listen")
 
     def _accepting(self) -> bool:
         with socket.socket() as s:
@@ -102,6 +116,7 @@ class Observer:
 
     home: FleetHome
     port: int
+    protocol: Literal[5, 311] = 5
     seen: list[Inbound] = field(default_factory=list)
     client: MqttClient | None = None
 
@@ -116,6 +131,7 @@ class Observer:
                 DASHBOARD_CN,
                 session_expiry_s=0,
                 clean_start=True,
+                protocol=self.protocol,
             )
         ).start()
         self.client.wait_connected(10)
@@ -181,7 +197,7 @@ class Fleet:
     """A fleet home with a production enclave image and sealed artifacts, a real Mosquitto, the
     verifier process and agent processes. Call `start()` after any policy changes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, embedded: bool = False) -> None:
         from agent.enclave_source import write_enclave_source  # noqa: PLC0415 - heavy imports
         from provisioning.build import build_enclave  # noqa: PLC0415
         from provisioning.home import init_home  # noqa: PLC0415
@@ -198,7 +214,9 @@ class Fleet:
         code.write_text("def echo(x):\n    return {'echo': x}\n")
         self.code = root / "vendor-v1.sra"
         seal_artifact(self.home, code, self.code, name="vendor", version=1, kind="code")
-        self.broker = Broker(self.home, free_port(), root)
+        self.broker = Broker(self.home, free_port(), root, embedded=embedded)
+        self.mqtt: list[str] = ["--mqtt", "3.1.1"] if embedded else []
+        self.protocol: Literal[5, 311] = 311 if embedded else 5
         self.verifier: Proc | None = None
         self.agents: dict[str, Proc] = {}
         self.sockets = short_socket_dir()
@@ -207,11 +225,19 @@ class Fleet:
     def start(self, *, challenge_interval: float | None = None) -> Fleet:
         self.broker.start()
         self.start_verifier(challenge_interval=challenge_interval)
-        self.observer = Observer(self.home, self.broker.port).start()
+        self.observer = Observer(self.home, self.broker.port, self.protocol).start()
         return self
 
     def start_verifier(self, *, challenge_interval: float | None = None) -> None:
-        argv = cli("verifier", "run", "--home", str(self.home.root), "--broker", self.broker.url)
+        argv = cli(
+            "verifier",
+            "run",
+            "--home",
+            str(self.home.root),
+            "--broker",
+            self.broker.url,
+            *self.mqtt,
+        )
         if challenge_interval:
             argv += ["--challenge-interval", str(challenge_interval)]
         self.verifier = Proc(argv, self.root / "verifier.log")
@@ -255,6 +281,7 @@ class Fleet:
             str(self.socket(device_id)),
             "--interval",
             str(interval),
+            *self.mqtt,
         )
         if dev:
             argv.append("--dev")

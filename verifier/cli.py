@@ -10,7 +10,13 @@ import structlog
 
 from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
 from provisioning.home import VERIFIER_CN, open_home
-from strongroom.mqtt import MqttClient, MqttSettings, parse_broker_url
+from strongroom.mqtt import (
+    MqttClient,
+    MqttSettings,
+    add_mqtt_version,
+    mqtt_protocol,
+    parse_broker_url,
+)
 from strongroom.signals import stop_event
 from verifier.service import Verifier, VerifierConfig, verifier_db_path
 from verifier.store_sqlite import SqliteStore
@@ -20,6 +26,12 @@ log = structlog.get_logger()
 
 def _broker_run(args: argparse.Namespace) -> int:
     home = open_home(args.home)
+    if args.embedded:
+        from provisioning.embedded_broker import run_embedded  # noqa: PLC0415 - optional extra
+
+        log.info("embedded_broker_starting", port=args.port, bind=args.bind, mqtt="3.1.1")
+        run_embedded(home, args.port, args.bind)
+        return 0
     find_mosquitto()  # a clear error before anything is written
     files = write_broker_config(home, port=args.port, bind=args.bind)
     log.info("broker_starting", port=args.port, bind=args.bind, config=str(files.config))
@@ -38,6 +50,7 @@ def _verifier_run(args: argparse.Namespace) -> int:
             cert=home.root / "verifier" / "client.pem",
             key=home.root / "verifier" / "client.key",
             client_id=VERIFIER_CN,
+            protocol=mqtt_protocol(args.mqtt),
         )
     )
     store = SqliteStore(args.db or verifier_db_path(home))
@@ -63,6 +76,11 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="in-process MQTT 3.1.1 broker (amqtt) for demos without Mosquitto",
+    )
     p.set_defaults(handler=_broker_run)
 
     p = groups["verifier"].add_parser("run", help="run the fleet verifier and key broker")
@@ -72,5 +90,6 @@ def register(groups: dict[str, Any]) -> None:
         "--db", type=Path, help="SQLite state file (default: HOME/verifier/state.sqlite)"
     )
     p.add_argument("--shared", action="store_true", help="join the $share/verifiers group")
+    add_mqtt_version(p)
     p.add_argument("--challenge-interval", type=float, help=argparse.SUPPRESS)
     p.set_defaults(handler=_verifier_run)
