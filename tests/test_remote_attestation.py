@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import time
 
 import pytest
@@ -14,12 +15,12 @@ from agent.enclave_source import write_enclave_source
 from agent.host import EnclaveHost, HostConfig
 from provisioning.build import build_enclave
 from provisioning.seal import seal_artifact
-from strongroom import topics
+from strongroom import messages, topics
 from strongroom.ear import AttestationResult, sign_result, verify_result
 from strongroom.errors import SignatureError
 from strongroom.mqtt import MqttClient, MqttError, MqttSettings
 from strongroom.signing import SigningKey
-from tests.fleet import Fleet, Observer, wait_until
+from tests.fleet import Fleet, Observer, cli, wait_until
 
 
 def test_a_healthy_device_is_affirmed_gets_its_keys_and_answers_invoke(fleet: Fleet) -> None:
@@ -295,3 +296,46 @@ def test_malformed_messages_are_rejected_with_alerts_and_the_verifier_carries_on
     finally:
         big.stop()
     assert fleet.verifier.p.poll() is None
+
+
+def _status(fleet: Fleet, device_id: str) -> list[str]:
+    topic = topics.device_topic(device_id, topics.STATUS)
+    return [
+        messages.Status.decode(m.payload).state
+        for m in fleet.observer.drain()
+        if m.topic == topic and m.payload
+    ]
+
+
+def test_the_last_will_marks_a_vanished_agent_offline(fleet: Fleet) -> None:
+    fleet.start()
+    fleet.enroll("cam-w")
+    agent = fleet.agent("cam-w")
+    wait_until(lambda: "online" in _status(fleet, "cam-w"), 20, "online status")
+    agent.p.kill()  # no goodbye: the broker publishes the will when the connection drops
+    wait_until(lambda: _status(fleet, "cam-w")[-1:] == ["offline"], 60, "offline status")
+
+
+def test_a_clean_stop_says_offline_and_wipes_the_enclave(fleet: Fleet) -> None:
+    fleet.start()
+    fleet.enroll("cam-s")
+    agent = fleet.agent("cam-s")
+    fleet.observer.wait_result("cam-s", "affirming")
+    assert agent.stop() == 0
+    wait_until(lambda: _status(fleet, "cam-s")[-1:] == ["offline"], 10, "offline status")
+    assert "agent_stopped" in agent.log()
+
+
+def test_agent_run_with_a_wrong_bundle_fails_with_one_clear_line(fleet: Fleet) -> None:
+    argv = cli("agent", "run", "--bundle", str(fleet.root / "nope"), "--broker", "mqtts://x:1")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip().startswith("strongroom: error:")
+        and "not a device bundle" in done.stderr
+    )
+    assert "Traceback" not in done.stderr
+    bundle = fleet.enroll("cam-u")
+    bad_url = cli("agent", "run", "--bundle", str(bundle), "--broker", "http://x")
+    done = subprocess.run(bad_url, capture_output=True, text=True, timeout=30, check=False)
+    assert done.returncode == 2 and "broker URL" in done.stderr
