@@ -2,9 +2,11 @@
 
 - starts the enclave (host, platform, enclave processes) and loads artifacts from sealed keys;
 - connects to the broker with the device's mTLS identity; its last will marks it offline;
-- answers every challenge: with a key request while some artifact lacks a key, else with evidence;
-- attests on its own at the policy interval; evidence goes through the on-disk outbox, so none is
-  lost while the broker is away or across a restart;
+- answers every challenge (the verifier sends them when the device comes online and at the
+  policy's attestation interval): with a key request while some artifact lacks a key, else with
+  evidence;
+- attests on its own at start and every `attest_interval_s`; evidence goes through the on-disk
+  outbox, so none is lost while the broker is away or across a restart;
 - serves the local API (Unix socket) for applications on the device;
 - on SIGTERM: marks itself offline, has the enclave wipe itself, and exits 0.
 """
@@ -62,8 +64,9 @@ class AgentDaemon:
         self.missing: dict[str, Path] = {}  # key id -> artifact still waiting for its key
         self.mqtt = MqttClient(self._mqtt_settings())
         self.api: LocalApi | None = None
-        self._last_attest = 0.0
-        self._last_announce = 0.0
+        self._last_attest = float("-inf")  # attest at start
+        self._last_announce = float("-inf")
+        self._requested_nonce: bytes | None = None
         self.sent = 0
 
     def _mqtt_settings(self) -> MqttSettings:
@@ -126,6 +129,7 @@ class AgentDaemon:
         if self.missing and self.flush():
             token = self._evidence(challenge.nonce)
             request = messages.KeyRequest(token, tuple(self.missing))
+            self._requested_nonce = challenge.nonce
             self.mqtt.publish(
                 topics.device_topic(self.device_id, topics.KEYS_REQUEST), request.encode()
             )
@@ -136,6 +140,10 @@ class AgentDaemon:
 
     def on_keys(self, payload: bytes) -> None:
         response = messages.KeyResponse.decode(payload)
+        if response.nonce != self._requested_nonce:
+            log.warning("key_response_ignored", reason="it answers no request of ours")
+            return
+        self._requested_nonce = None
         for key in response.keys:
             path = self.missing.get(key.key_id)
             if path is None:

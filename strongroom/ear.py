@@ -5,7 +5,9 @@ Claims: `eat_profile` (265) = the EAR profile, `iat` (6), `exp` (4: iat + one ye
 freshness by `iat`), `ear.verifier-id` (1004), and `submods` (266) with one entry named after the
 device: `ear.status` (1000), `ear.trustworthiness-vector` (1001, AR4SI keys 0-7),
 `ear.appraisal-policy-id` (1003), plus Strongroom's private `reasons` (-70100) and `details`
-(-70101: firmware, enclave SVN and measurement, artifact versions, evidence sequence). Anyone with
+(-70101: firmware, enclave SVN and measurement, artifact versions, evidence sequence and its
+freshness: "fresh" for an answered challenge, "periodic" for the device's own nonce). `nbf` (5) =
+`iat`. Anyone with
 the verifier's public key can check a result. Pure.
 """
 

@@ -1,8 +1,10 @@
 """Attestation evidence: an EAT (RFC 9711) as a CWT in a COSE_Sign1, signed with EdDSA by the
 device's platform attestation key. Built and checked with the `cwt` library, never by hand.
 
-Registered claims used: `eat_nonce` (10), `ueid` (256), `iat` (6), `dbgstat` (263), `swname` (270),
-`sub` (2, the device id). Strongroom's private claims use negative keys from -70000 down
+Registered claims used: `eat_nonce` (10), `ueid` (256), `iat` (6), `exp` (4: `iat` + 7 days, so
+evidence that waited in a device's outbox stays verifiable; freshness comes from nonces and
+sequence numbers, not from `exp`), `nbf` (5, = `iat`), `dbgstat` (263), `swname` (270), `sub` (2,
+the device id). Strongroom's private claims use negative keys from -70000 down
 (docs/protocol.md lists them). The COSE `kid` is the device id, so a verifier can pick the
 registered key before verifying. Pure: bytes in, objects out.
 """
@@ -21,7 +23,8 @@ from cwt import COSEKey
 from strongroom.errors import FormatError, SignatureError
 from strongroom.signing import SigningKey, VerifyKey
 
-EAT_NONCE, UEID, IAT, SUB, DBGSTAT, SWNAME = 10, 256, 6, 2, 263, 270
+EAT_NONCE, UEID, IAT, EXP, NBF, SUB, DBGSTAT, SWNAME = 10, 256, 6, 4, 5, 2, 263, 270
+EVIDENCE_VALIDITY_S = 7 * 86400
 SR_SEQ = -70000
 SR_FIRMWARE = -70001
 SR_SECURE_BOOT = -70002
@@ -84,6 +87,8 @@ def _claims(ev: Evidence) -> dict[int, Any]:
         EAT_NONCE: ev.nonce,
         UEID: ev.ueid,
         IAT: ev.iat,
+        EXP: ev.iat + EVIDENCE_VALIDITY_S,
+        NBF: ev.iat,
         DBGSTAT: DBGSTAT_ENABLED if ev.platform_debug else DBGSTAT_DISABLED,
         SWNAME: SWNAME_VALUE,
         SR_SEQ: ev.seq,
@@ -137,6 +142,8 @@ def verify_evidence(token: bytes, key: VerifyKey) -> Evidence:
     try:
         claims: Any = cwt.decode(token, _verify_cose_key(key.raw, kid))
     except cwt.VerifyError as e:
+        if "expired" in str(e) or "not yet valid" in str(e):
+            raise FormatError(f"evidence is outside its validity period: {e}") from e
         raise SignatureError("evidence signature does not verify with the device's key") from e
     except cwt.DecodeError as e:
         raise FormatError(f"evidence is malformed: {e}") from e

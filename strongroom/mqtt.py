@@ -1,9 +1,11 @@
 """The one adapter around paho-mqtt. No other module imports paho.
 
 - Mutual TLS with the fleet CA; MQTT 5 by default (3.1.1 for brokers that only speak it).
-- A network thread of our own drives paho, reconnecting with jittered exponential back-off
-  (`strongroom.retry.Backoff`); MQTT 5 session expiry is set explicitly and clean start is off, so
-  the broker keeps the session and queued QoS 1 messages across reconnects.
+- A network thread of our own drives paho (select, then read/write under a lock that every other
+  call into paho takes too, because paho writes from the calling thread), reconnecting with
+  jittered exponential back-off (`strongroom.retry.Backoff`).
+- MQTT 5 session expiry is set explicitly and clean start is off, so the broker keeps the session
+  and queued QoS 1 messages across reconnects.
 - Callbacks only translate and enqueue into a bounded inbox; they never block or wait.
 - Every wait has a timeout; paho's return codes become `MqttError`.
 """
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import queue
+import select
 import ssl
 import threading
 import time
@@ -28,7 +31,6 @@ from strongroom.errors import EnvironmentFault, InputError
 from strongroom.retry import Backoff
 
 log = structlog.get_logger()
-SUBACK_FAILURE = 0x80
 
 
 class MqttError(EnvironmentFault):
@@ -109,6 +111,7 @@ class MqttClient:
         self._suback_cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._lock = threading.RLock()  # see _step
         self._client = self._make_client()
 
     # -- paho set-up and callbacks (translate and enqueue only) --------------------------------
@@ -171,31 +174,55 @@ class MqttClient:
         props.SessionExpiryInterval = self.settings.session_expiry_s
         return props
 
+    def _step(self) -> int:
+        """One turn of the network loop. paho writes to the socket from whichever thread calls
+        publish(), so every call that may touch the socket runs under one lock; only the wait
+        for readiness happens outside it."""
+        sock = self._client.socket()
+        if sock is None:
+            return int(paho.MQTT_ERR_NO_CONN)
+        want_write = self._client.want_write()
+        try:
+            readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 0.1)
+        except (OSError, ValueError):
+            return int(paho.MQTT_ERR_CONN_LOST)
+        with self._lock:
+            if readable:
+                rc = self._client.loop_read()
+                if rc != paho.MQTT_ERR_SUCCESS:
+                    return int(rc)
+            if writable or self._client.want_write():
+                rc = self._client.loop_write()
+                if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+                    return int(rc)
+            return int(self._client.loop_misc())
+
     def _run(self) -> None:
         s, attempt, first = self.settings, 0, True
         while not self._stop.is_set():
             try:
                 if first:
-                    self._client.connect(
-                        s.host,
-                        s.port,
-                        s.keepalive_s,
-                        clean_start=s.clean_start
-                        if s.protocol == 5
-                        else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                        properties=self._connect_properties(),
-                    )
+                    with self._lock:
+                        self._client.connect(
+                            s.host,
+                            s.port,
+                            s.keepalive_s,
+                            clean_start=s.clean_start
+                            if s.protocol == 5
+                            else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                            properties=self._connect_properties(),
+                        )
                     first = False
                 else:
-                    self._client.reconnect()
+                    with self._lock:
+                        self._client.reconnect()
             except (OSError, ssl.SSLError) as e:
                 self.last_error = f"cannot connect to {s.host}:{s.port}: {e}"
                 self._stop.wait(s.backoff.delay(attempt))
                 attempt += 1
                 continue
             while not self._stop.is_set():
-                rc = self._client.loop(timeout=0.2)
-                if rc != paho.MQTT_ERR_SUCCESS:
+                if self._step() != paho.MQTT_ERR_SUCCESS:
                     break
                 if self.connected.is_set():
                     attempt = 0
@@ -223,7 +250,8 @@ class MqttClient:
         self._subscriptions[topic] = qos
         if not self.connected.is_set():
             return []
-        rc, mid = self._client.subscribe(topic, qos)
+        with self._lock:
+            rc, mid = self._client.subscribe(topic, qos)
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"cannot subscribe to {topic}: {paho.error_string(rc)}")
         deadline = time.monotonic() + timeout
@@ -247,7 +275,8 @@ class MqttClient:
         """Publish and, for QoS 1, wait for the broker's acknowledgement."""
         if not self.connected.is_set():
             raise MqttError(f"not connected; cannot publish to {topic}")
-        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        with self._lock:
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
         if qos == 0:
@@ -268,7 +297,8 @@ class MqttClient:
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         try:
-            self._client.disconnect()
+            with self._lock:
+                self._client.disconnect()
         except Exception as e:
             log.debug("mqtt_disconnect_failed", error=str(e))
         if self._thread is not None:

@@ -151,7 +151,12 @@ class Verifier:
         its status (None for a duplicate delivery, which is ignored)."""
         ev = self._verified(device_id, token)
         freshness = self.store.accept_evidence(
-            device_id, ev.nonce, ev.seq, hashlib.sha256(token).digest(), self.clock()
+            device_id,
+            ev.nonce,
+            ev.seq,
+            hashlib.sha256(token).digest(),
+            self.clock(),
+            require_fresh=need_fresh,
         )
         if freshness is Freshness.DUPLICATE:
             self._count("duplicates")

@@ -37,8 +37,18 @@ class StateStore(Protocol):
     def issue_nonce(self, device_id: str, nonce: bytes, expires: float) -> None: ...
 
     def accept_evidence(
-        self, device_id: str, nonce: bytes, seq: int, token_hash: bytes, now: float
-    ) -> Freshness: ...
+        self,
+        device_id: str,
+        nonce: bytes,
+        seq: int,
+        token_hash: bytes,
+        now: float,
+        *,
+        require_fresh: bool = False,
+    ) -> Freshness:
+        """Check and record freshness in one transaction. Only FRESH and PERIODIC record the
+        evidence (its sequence number and hash); with `require_fresh`, PERIODIC records nothing."""
+        ...
 
     def save_result(self, device_id: str, status: str, token: bytes, at: float) -> None: ...
 

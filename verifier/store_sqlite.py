@@ -60,8 +60,15 @@ class SqliteStore:
             )
             self._db.execute("DELETE FROM nonces WHERE expires < ?", (expires - NONCE_RETENTION_S,))
 
-    def accept_evidence(
-        self, device_id: str, nonce: bytes, seq: int, token_hash: bytes, now: float
+    def accept_evidence(  # noqa: PLR0911 - one return per freshness verdict
+        self,
+        device_id: str,
+        nonce: bytes,
+        seq: int,
+        token_hash: bytes,
+        now: float,
+        *,
+        require_fresh: bool = False,
     ) -> Freshness:
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
@@ -80,6 +87,8 @@ class SqliteStore:
                 (nonce, device_id),
             ).fetchone()
             freshness = Freshness.PERIODIC
+            if found is None and require_fresh:
+                return freshness  # the caller refuses it; nothing is recorded
             if found is not None:
                 used, expires = found
                 if used:
