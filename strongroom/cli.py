@@ -34,6 +34,7 @@ ROLE_GROUPS = (
     ("broker", "the fleet's MQTT broker"),
     ("verifier", "the fleet verifier and key broker"),
     ("agent", "the on-device agent daemon and its local API"),
+    ("audit", "the verifier's hash-chained audit log"),
 )
 
 

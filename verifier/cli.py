@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import structlog
 
 from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
 from provisioning.home import VERIFIER_CN, open_home
+from strongroom.errors import IntegrityError
 from strongroom.mqtt import (
     MqttClient,
     MqttSettings,
@@ -18,7 +20,8 @@ from strongroom.mqtt import (
     parse_broker_url,
 )
 from strongroom.signals import stop_event
-from verifier.service import Verifier, VerifierConfig, verifier_db_path
+from verifier.audit import AuditLog, verify
+from verifier.service import Verifier, VerifierConfig, audit_path, verifier_db_path
 from verifier.store_sqlite import SqliteStore
 
 log = structlog.get_logger()
@@ -71,7 +74,38 @@ def _verifier_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_verify(args: argparse.Namespace) -> int:
+    home = open_home(args.home)
+    log_ = AuditLog(audit_path(home))
+    count, broken = verify(log_.lines(), home.result_verify_key())
+    if broken is not None:
+        raise IntegrityError(
+            f"audit log broken at entry {broken.line}: {broken.reason} ({count} entries before it "
+            "are intact)",
+            hint="the log was edited, cut or reordered; keep this copy as evidence",
+        )
+    print(json.dumps({"entries": count, "intact": True}))
+    return 0
+
+
+def _audit_show(args: argparse.Namespace) -> int:
+    home = open_home(args.home)
+    for entry in AuditLog(audit_path(home)).entries():
+        if args.device and entry.get("device") != args.device:
+            continue
+        print(json.dumps({k: entry[k] for k in ("seq", "at", "event", "device", "detail")}))
+    return 0
+
+
 def register(groups: dict[str, Any]) -> None:
+    p = groups["audit"].add_parser("verify", help="check the audit log's hash chain")
+    p.add_argument("--home", type=Path, required=True)
+    p.set_defaults(handler=_audit_verify)
+    p = groups["audit"].add_parser("show", help="list audit entries (JSON lines)")
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--device", help="only this device's entries")
+    p.set_defaults(handler=_audit_show)
+
     p = groups["broker"].add_parser("run", help="run Mosquitto with the fleet's TLS and ACL config")
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)

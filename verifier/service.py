@@ -31,6 +31,7 @@ from strongroom.mqtt import Inbound, MqttClient, MqttError
 from strongroom.policy import FleetPolicy
 from strongroom.signing import SigningKey
 from verifier.appraisal import appraise
+from verifier.audit import AuditLog
 from verifier.release import refusal
 from verifier.store import Freshness, StateStore
 
@@ -71,6 +72,7 @@ class Verifier:
         self._result_key = SigningKey.from_pem(
             (home.root / "verifier" / "result-signing.key").read_bytes()
         )
+        self.audit = AuditLog(audit_path(home), self._result_key)
         self.policy: FleetPolicy = home.load_policy()
         self.devices: dict[str, DeviceRecord] = {}
         self._last_reload = 0.0
@@ -212,6 +214,9 @@ class Verifier:
             if reason is not None:
                 refused.append((key_id, reason))
                 log.warning("key_refused", device=device_id, key_id=key_id, reason=reason)
+                self.audit.append(
+                    "key_refused", device_id, key_id=key_id, reason=reason, seq=ev.seq
+                )
                 continue
             _entry, data_key = self.keystore.unwrap(key_id)
             try:
@@ -221,6 +226,9 @@ class Verifier:
                 data_key[:] = bytes(len(data_key))
             released.append(messages.ReleasedKey(key_id, wrapped, aad))
             log.info("key_released", device=device_id, key_id=key_id)
+            self.audit.append(
+                "key_released", device_id, key_id=key_id, seq=ev.seq, mrenclave=ev.enclave.mrenclave
+            )
             self._count("keys_released")
         self.counts["keys_refused"] = self.counts.get("keys_refused", 0) + len(refused)
         response = messages.KeyResponse(ev.nonce, tuple(released), tuple(refused))
@@ -297,3 +305,7 @@ class Verifier:
 
 def verifier_db_path(home: FleetHome) -> Path:
     return home.root / "verifier" / "state.sqlite"
+
+
+def audit_path(home: FleetHome) -> Path:
+    return home.root / "verifier" / "audit.log"
