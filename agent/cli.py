@@ -24,10 +24,11 @@ log = structlog.get_logger()
 
 
 def _enclave_source(args: argparse.Namespace) -> int:
-    signer = open_home(args.home).verify_key("artifact")
+    home = open_home(args.home)
     written = write_enclave_source(
         args.out,
-        signer,
+        home.verify_key("artifact"),
+        home.result_verify_key(),
         min_firmware=args.min_firmware,
         smt=args.smt,
         require_secure_boot=not args.allow_insecure_boot,

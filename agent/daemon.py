@@ -27,7 +27,8 @@ from agent.host import EnclaveHost, HostConfig, WrappedKey, manifest_of
 from agent.local_api import LocalApi
 from agent.outbox import Outbox
 from strongroom import bundle, messages, topics
-from strongroom.errors import StrongroomError
+from strongroom.commands import verify_command
+from strongroom.errors import IntegrityError, StrongroomError
 from strongroom.mqtt import Inbound, MqttClient, MqttError, MqttSettings, Will
 
 log = structlog.get_logger()
@@ -67,6 +68,8 @@ class AgentDaemon:
         self._last_attest = float("-inf")  # attest at start
         self._last_announce = float("-inf")
         self._requested_nonce: bytes | None = None
+        self._last_command = b""
+        self.revoked = False
         self.sent = 0
 
     def _mqtt_settings(self) -> MqttSettings:
@@ -144,6 +147,8 @@ class AgentDaemon:
             log.warning("key_response_ignored", reason="it answers no request of ours")
             return
         self._requested_nonce = None
+        if response.keys:
+            self.revoked = False
         for key in response.keys:
             path = self.missing.get(key.key_id)
             if path is None:
@@ -160,6 +165,37 @@ class AgentDaemon:
         if response.keys:
             self.attest()  # tell the fleet what the enclave runs now
 
+    def on_command(self, payload: bytes) -> None:
+        """A revoke signed by the verifier: the enclave checks it too, wipes itself, and we delete
+        the sealed blobs and confirm. Anything else is ignored and reported."""
+        try:
+            command = verify_command(payload, self.host.info.result_key)
+            if command.device_id != self.device_id:
+                raise IntegrityError(f"command is addressed to {command.device_id}")
+            if command.nonce == self._last_command:
+                return  # the retained copy of a command already carried out
+            with self._enclave_lock:
+                reason = self.host.revoke(payload)
+        except StrongroomError as e:
+            log.warning("command_ignored", reason=str(e))
+            self._publish_status("online", report=f"ignored a command: {e}"[:300])
+            return
+        self._last_command = command.nonce
+        for path in self.config.artifacts:
+            self.missing[manifest_of(path).key_id] = path
+        self.revoked = True
+        log.warning("revoked", reason=reason)
+        self._publish_status("revoked", report=reason)
+
+    def _publish_status(self, state: str, report: str = "") -> None:
+        try:
+            status = messages.Status(state, time.time(), report).encode()
+            self.mqtt.publish(
+                topics.device_topic(self.device_id, topics.STATUS), status, retain=True
+            )
+        except MqttError as e:
+            log.warning("status_not_published", reason=str(e))
+
     def handle(self, msg: Inbound) -> None:
         try:
             device_id, leaf = topics.parse(msg.topic)
@@ -169,6 +205,8 @@ class AgentDaemon:
                 self.on_challenge(msg.payload)
             elif leaf == topics.KEYS_RESPONSE:
                 self.on_keys(msg.payload)
+            elif leaf == topics.COMMAND and msg.payload:  # empty: a cleared retained command
+                self.on_command(msg.payload)
         except MqttError as e:
             log.warning("reply_not_sent", reason=str(e))
         except StrongroomError as e:
@@ -196,6 +234,7 @@ class AgentDaemon:
                 if (
                     connected
                     and self.missing
+                    and not self.revoked
                     and time.monotonic() - self._last_announce >= KEY_RETRY_S
                 ):
                     self._announce()  # still waiting for keys: ask for a new challenge
@@ -209,14 +248,8 @@ class AgentDaemon:
     def _announce(self) -> None:
         """After each (re)connect: deliver what waited, then say we are online."""
         self._last_announce = time.monotonic()
-        try:
-            self.flush()
-            online = messages.Status("online", time.time()).encode()
-            self.mqtt.publish(
-                topics.device_topic(self.device_id, topics.STATUS), online, retain=True
-            )
-        except MqttError as e:
-            log.warning("announce_failed", reason=str(e))
+        self.flush()
+        self._publish_status("online")
 
     def shutdown(self) -> None:
         if self.mqtt.connected.is_set():

@@ -36,6 +36,7 @@ RUNTIME_MODULES = (
     "strongroom/__init__.py",
     "strongroom/artifact.py",
     "strongroom/canonical.py",
+    "strongroom/commands.py",
     "strongroom/errors.py",
     "strongroom/fields.py",
     "strongroom/image.py",
@@ -57,6 +58,7 @@ MIN_FIRMWARE = {min_firmware!r}  # local attestation fails on older platform fir
 SMT = {smt!r}  # "allow" or "deny" SMT/hyper-threading
 REQUIRE_SECURE_BOOT = {secure_boot!r}
 ARTIFACT_SIGNER = {signer!r}  # raw Ed25519 public key of the fleet's artifact-signing key
+VERIFIER_KEY = {verifier!r}  # raw Ed25519 public key whose commands (revoke) the enclave obeys
 SEAL_POLICY = {seal_policy!r}  # "signer" (MRSIGNER + product + SVN) or "measurement" (MRENCLAVE)
 '''
 
@@ -68,6 +70,7 @@ def _source_root() -> Path:
 def write_enclave_source(
     out: Path,
     artifact_signer: VerifyKey,
+    verifier_key: VerifyKey,
     *,
     min_firmware: str = "1.0.0",
     smt: str = "allow",
@@ -96,6 +99,7 @@ def write_enclave_source(
             smt=smt,
             secure_boot=require_secure_boot,
             signer=artifact_signer.raw.hex(),
+            verifier=verifier_key.raw.hex(),
             seal_policy=seal_policy,
         )
         write_atomic(stage / "enclave_policy.py", policy.encode(), PUBLIC_FILE)

@@ -223,6 +223,16 @@ class EnclaveHost:
             check(self._request({"op": "evidence", "nonce": nonce}, 30), {"token": bytes})["token"]
         )
 
+    def revoke(self, command: bytes) -> str:
+        """Relay a signed revoke command; on success remove every sealed blob (the enclave has
+        already wiped its memory) and return the reason."""
+        reply = self._request({"op": "revoke", "command": command}, 30)
+        sealed = self.config.state_dir / "sealed"
+        if sealed.is_dir():
+            for blob in sealed.glob("*.blob"):
+                blob.unlink(missing_ok=True)
+        return str(reply.get("reason", ""))
+
     def status(self) -> Message:
         return self._request({"op": "status"}, 10)
 

@@ -114,21 +114,32 @@ class KeyResponse:
         return cls(_field(doc, "nonce", bytes, "key response"), keys, refused)
 
 
+STATES = ("online", "offline", "revoked")
+
+
 @dataclass(frozen=True)
 class Status:
-    state: str  # "online" | "offline"
+    state: str  # "online" | "offline" | "revoked" (the enclave confirmed a revocation)
     at: float
+    report: str = ""  # something the device wants the fleet to know (a forged command, ...)
 
     def encode(self) -> bytes:
-        return cbor2.dumps({"state": self.state, "at": self.at})
+        doc: dict[str, Any] = {"state": self.state, "at": self.at}
+        if self.report:
+            doc["report"] = self.report
+        return cbor2.dumps(doc)
 
     @classmethod
     def decode(cls, payload: bytes) -> Status:
         doc = _load(payload, "status")
         state = _field(doc, "state", str, "status")
-        if state not in ("online", "offline"):
-            raise FormatError("status: state must be online or offline")
-        return cls(state, float(doc.get("at", 0) or 0))
+        if state not in STATES:
+            raise FormatError(f"status: state must be one of {', '.join(STATES)}")
+        report = doc.get("report", "")
+        at = doc.get("at", 0)
+        if not isinstance(report, str) or not isinstance(at, int | float):
+            raise FormatError("status: report must be text and at a number")
+        return cls(state, float(at), report[:300])
 
 
 @dataclass(frozen=True)

@@ -110,7 +110,12 @@ class DeviceEnv:
         **policy: object,
     ) -> Path:
         src = self.root / f"src-{name}"
-        write_enclave_source(src, self.home.verify_key("artifact"), **policy)  # type: ignore[arg-type]
+        write_enclave_source(
+            src,
+            self.home.verify_key("artifact"),
+            self.home.result_verify_key(),
+            **policy,  # type: ignore[arg-type]
+        )
         for rel, text in (extra or {}).items():
             (src / rel).write_text(text)
         out = self.root / f"{name}.img"

@@ -207,7 +207,7 @@ class Fleet:
         self.root = root
         self.home = init_home(root / "home")
         src = root / "enclave-src"
-        write_enclave_source(src, self.home.verify_key("artifact"))
+        write_enclave_source(src, self.home.verify_key("artifact"), self.home.result_verify_key())
         self.image = root / "enclave.img"
         build_enclave(self.home, src, self.image, svn=1)
         code = root / "vendor.py"

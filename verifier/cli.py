@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import structlog
 
 from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
 from provisioning.home import VERIFIER_CN, open_home
-from strongroom.errors import IntegrityError
+from provisioning.registry import Registry
+from strongroom.errors import InputError, IntegrityError
+from strongroom.fsutil import read_file
 from strongroom.mqtt import (
     MqttClient,
     MqttSettings,
@@ -20,6 +23,7 @@ from strongroom.mqtt import (
     parse_broker_url,
 )
 from strongroom.signals import stop_event
+from strongroom.signing import SigningKey
 from verifier.audit import AuditLog, verify
 from verifier.service import Verifier, VerifierConfig, audit_path, verifier_db_path
 from verifier.store_sqlite import SqliteStore
@@ -97,7 +101,49 @@ def _audit_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_status(args: argparse.Namespace, status: str, event: str) -> int:
+    home = open_home(args.home)
+    registry = Registry(home.registry_dir)
+    if not registry.exists(args.device_id):
+        raise InputError(f"device {args.device_id} is not enrolled", hint="check the device id")
+    record = registry.get(args.device_id)
+    if record.status == status:
+        print(json.dumps({"device": args.device_id, "status": status, "changed": False}))
+        return 0
+    registry.put(replace(record, status=status))
+    signing_key = SigningKey.from_pem(
+        read_file(home.root / "verifier" / "result-signing.key", "verifier key")
+    )
+    AuditLog(audit_path(home), signing_key).append(
+        event, args.device_id, reason=getattr(args, "reason", ""), by="operator"
+    )
+    print(json.dumps({"device": args.device_id, "status": status, "changed": True}))
+    return 0
+
+
+def _device_revoke(args: argparse.Namespace) -> int:
+    return _set_status(args, "revoked", "revoked")
+
+
+def _device_reinstate(args: argparse.Namespace) -> int:
+    return _set_status(args, "active", "reinstated")
+
+
 def register(groups: dict[str, Any]) -> None:
+    p = groups["device"].add_parser(
+        "revoke", help="revoke a device: no more keys; its enclave is told to wipe itself"
+    )
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--home", type=Path, required=True)
+    p.add_argument("--reason", required=True, metavar="TEXT")
+    p.set_defaults(handler=_device_revoke)
+    p = groups["device"].add_parser(
+        "reinstate", help="reinstate a revoked device (it must attest afresh for keys)"
+    )
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--home", type=Path, required=True)
+    p.set_defaults(handler=_device_reinstate)
+
     p = groups["audit"].add_parser("verify", help="check the audit log's hash chain")
     p.add_argument("--home", type=Path, required=True)
     p.set_defaults(handler=_audit_verify)

@@ -15,7 +15,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import structlog
@@ -24,6 +24,7 @@ from provisioning.home import FleetHome
 from provisioning.keystore import Keystore
 from provisioning.registry import DeviceRecord, Registry
 from strongroom import keywrap, messages, topics
+from strongroom.commands import Command, sign_command
 from strongroom.ear import AttestationResult, sign_result
 from strongroom.errors import IntegrityError, StrongroomError
 from strongroom.evidence import Evidence, evidence_kid, verify_evidence
@@ -37,7 +38,7 @@ from verifier.store import Freshness, StateStore
 
 log = structlog.get_logger()
 NONCE_SIZE = 32
-REGISTRY_RELOAD_S = 5.0
+REGISTRY_RELOAD_S = 60.0  # a full re-read at least this often; changes are seen at once
 KEY_AAD_DOMAIN = b"strongroom/key-release/v1|"
 
 
@@ -78,12 +79,16 @@ class Verifier:
         self._last_reload = 0.0
         self._last_round = 0.0
         self.counts: dict[str, int] = {}
+        self._revoked_at: dict[str, float] = {}
+        self._stamp: tuple[int, int] = (0, 0)
         self.reload()
 
     # -- set-up --------------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """Re-read the registry and the policy (they are edited by provisioning commands)."""
+        """Re-read the registry and the policy (they are edited by provisioning commands), and
+        act on revocations and reinstatements made by operators since the last read."""
+        previous = self.devices
         devices = {}
         for device_id in self.registry.device_ids():
             try:
@@ -92,6 +97,14 @@ class Verifier:
                 log.error("registry_entry_unreadable", device=device_id, reason=str(e))
         self.devices = devices
         self.store.sync_devices(devices.values())
+        for device_id, record in devices.items():
+            before = previous.get(device_id)
+            if before is None or before.status == record.status:
+                continue
+            if record.status == "revoked":
+                self._send_revoke(device_id, "revoked by an operator")
+            elif record.status == "active":
+                self._reinstated(device_id)
         try:
             self.policy = self.config.home.load_policy()
         except StrongroomError as e:
@@ -117,6 +130,36 @@ class Verifier:
         except MqttError as e:
             log.error("alert_not_published", reason=str(e))
 
+    def revoke(self, device_id: str, reason: str) -> None:
+        """Revoke a device: no more keys, a signed revoke command, an alert, an audit entry."""
+        record = self.registry.get(device_id)
+        if record.status != "revoked":
+            record = replace(record, status="revoked")
+            self.registry.put(record)
+            self.audit.append("revoked", device_id, reason=reason, by="verifier")
+        self.devices[device_id] = record
+        self.store.sync_devices([record])
+        self._send_revoke(device_id, reason)
+
+    def _send_revoke(self, device_id: str, reason: str) -> None:
+        self.alert("critical", device_id, f"revoked: {reason}")
+        command = sign_command(Command.revoke(device_id, reason, self.clock()), self._result_key)
+        self._revoked_at[device_id] = self.clock()
+        try:
+            topic = topics.device_topic(device_id, topics.COMMAND)
+            self.mqtt.publish(topic, command, retain=True)  # retained: reaches it when back
+        except MqttError as e:
+            log.error("revoke_not_published", device=device_id, reason=str(e))
+        self._count("revocations")
+
+    def _reinstated(self, device_id: str) -> None:
+        log.info("reinstated", device=device_id)
+        try:
+            self.mqtt.publish(topics.device_topic(device_id, topics.COMMAND), b"", retain=True)
+            self.challenge(device_id)  # it must attest afresh before any key is released
+        except MqttError as e:
+            log.warning("reinstatement_not_announced", device=device_id, reason=str(e))
+
     def challenge(self, device_id: str) -> None:
         nonce = os.urandom(NONCE_SIZE)
         expires = self.clock() + self.policy.nonce_ttl_s
@@ -136,6 +179,12 @@ class Verifier:
         if device is None:
             raise Rejected(f"{what} from unknown device {device_id}")
         return device
+
+    def _refresh_device(self, device_id: str) -> None:
+        if self.registry.exists(device_id):
+            record = self.registry.get(device_id)
+            self.devices[device_id] = record
+            self.store.sync_devices([record])
 
     def _verified(self, device_id: str, token: bytes) -> Evidence:
         device = self._device(device_id, "evidence")
@@ -196,7 +245,7 @@ class Verifier:
             reasons=list(result.reasons),
         )
         if result.status == "contraindicated":
-            self.alert("critical", device_id, "; ".join(result.reasons))
+            self.revoke(device_id, "; ".join(result.reasons) or "contraindicated")
         return ev, result.status
 
     def handle_evidence(self, device_id: str, payload: bytes) -> None:
@@ -204,6 +253,7 @@ class Verifier:
 
     def handle_key_request(self, device_id: str, payload: bytes) -> None:
         request = messages.KeyRequest.decode(payload)
+        self._refresh_device(device_id)  # a revocation by an operator counts at once
         appraised = self._appraise(device_id, request.evidence, need_fresh=True)
         if appraised is None:
             return
@@ -246,8 +296,15 @@ class Verifier:
     def handle_status(self, device_id: str, payload: bytes) -> None:
         self._device(device_id, "status")
         status = messages.Status.decode(payload)
-        self.store.set_online(device_id, status.state == "online", self.clock())
-        if status.state == "online":
+        self.store.set_online(device_id, status.state != "offline", self.clock())
+        if status.report:
+            self.alert("warning", device_id, f"device reports: {status.report}")
+        if status.state == "revoked":
+            started = self._revoked_at.pop(device_id, None)
+            latency = None if started is None else round(self.clock() - started, 3)
+            self.audit.append("revocation_confirmed", device_id, latency_s=latency)
+            log.info("revocation_confirmed", device=device_id, latency_s=latency)
+        elif status.state == "online" and not status.report:
             self.challenge(device_id)
 
     # -- loop ----------------------------------------------------------------------------------
@@ -271,9 +328,23 @@ class Verifier:
             log.warning("message_rejected", topic=msg.topic[:120], reason=str(e))
             self.alert("warning", device[:64], f"rejected {msg.topic[:120]}: {e}")
 
+    def _sources_changed(self) -> bool:
+        """Whether the registry or the policy changed on disk (atomic writes rename files, which
+        touches the directory), checked cheaply on every tick."""
+        try:
+            stamp = (
+                self.config.home.registry_dir.stat().st_mtime_ns,
+                self.config.home.policy_path.stat().st_mtime_ns,
+            )
+        except OSError:
+            return True
+        changed = stamp != self._stamp
+        self._stamp = stamp
+        return changed
+
     def tick(self) -> None:
         now = self.clock()
-        if now - self._last_reload >= REGISTRY_RELOAD_S:
+        if self._sources_changed() or now - self._last_reload >= REGISTRY_RELOAD_S:
             self.reload()
         interval = self.config.challenge_interval_s or self.policy.attestation_interval_s
         if now - self._last_round >= interval:

@@ -25,6 +25,7 @@ from agent.enclave_app.attestation import EnclavePolicy, platform_problems
 from agent.memimport import MemoryFinder
 from agent.report import EnclaveIdentity, Report, ReportError, key_binding, verify_report
 from strongroom import artifact, keywrap
+from strongroom.commands import verify_command
 from strongroom.errors import StrongroomError
 from strongroom.image import CONTENT_MAGIC, parse_content
 from strongroom.signing import VerifyKey
@@ -122,6 +123,9 @@ class Enclave:
         )
         self._artifact_signer = VerifyKey(bytes.fromhex(policy.ARTIFACT_SIGNER))
         self._seal_policy: str = getattr(policy, "SEAL_POLICY", "signer")
+        verifier = getattr(policy, "VERIFIER_KEY", "")
+        self._verifier_key = VerifyKey(bytes.fromhex(verifier)) if verifier else None
+        self.revoked = False
         self.identity: EnclaveIdentity | None = None
         self._plaintext: dict[str, bytearray] = {}
         self._manifests: dict[str, artifact.ArtifactManifest] = {}
@@ -235,6 +239,8 @@ class Enclave:
             body.drain()
             raise Refusal(f"artifact {manifest.name} refused: {e}") from e
         self._install(manifest, plaintext)
+        if fresh:
+            self.revoked = False  # keyed again by the fleet after a reinstatement
         self._platform.advance(f"version:{manifest.name}", manifest.version)
         reply: Message = {
             "op": "loaded",
@@ -305,6 +311,8 @@ class Enclave:
 
     def invoke(self, msg: Message) -> Message:
         check(msg, {"entrypoint": str, "timeout": float}, {"input": object})
+        if self.revoked:
+            raise Refusal("this enclave was revoked; it serves nothing until it is keyed again")
         module_name, _, func_name = msg["entrypoint"].partition(":")
         top = module_name.partition(".")[0]
         if not func_name or not any(f.provides(top) for f in self._finders.values()):
@@ -345,6 +353,19 @@ class Enclave:
         for name in list(self._plaintext):
             self._drop(name)
 
+    def revoke(self, msg: Message) -> Message:
+        """Obey a revoke command signed by the fleet verifier: wipe everything held."""
+        check(msg, {"command": bytes})
+        if self._verifier_key is None:
+            raise Refusal("this enclave was built without a verifier key; it obeys no command")
+        try:
+            command = verify_command(msg["command"], self._verifier_key)
+        except StrongroomError as e:
+            raise Refusal(f"command refused: {e}") from e
+        self.wipe()
+        self.revoked = True
+        return {"op": "revoked", "reason": command.reason[:200]}
+
     def serve(self) -> None:
         while True:
             try:
@@ -367,6 +388,8 @@ class Enclave:
                         "op": "status",
                         "loaded": sorted(f"{m.name}@{m.version}" for m in self._manifests.values()),
                     }
+                elif op == "revoke":
+                    reply = self.revoke(msg)
                 elif op in ("shutdown", "wipe"):
                     self.wipe()
                     self._host.send({"op": "wiped"})
