@@ -62,7 +62,10 @@ class AgentDaemon:
         self.device_id = self.host.info.device_id
         self.outbox = Outbox(config.state_dir / "outbox", config.outbox_capacity)
         self._enclave_lock = threading.Lock()
+        self.by_key = {manifest_of(p).key_id: p for p in config.artifacts}
         self.missing: dict[str, Path] = {}  # key id -> artifact still waiting for its key
+        # key id -> when to renew its lease (epoch s); unsealed keys renew at the first chance
+        self.renew_at: dict[str, float] = {}
         self.mqtt = MqttClient(self._mqtt_settings())
         self.api: LocalApi | None = None
         self._last_attest = float("-inf")  # attest at start
@@ -93,6 +96,7 @@ class AgentDaemon:
         for path in self.config.artifacts:
             try:
                 self.host.load_artifact(path)
+                self.renew_at[manifest_of(path).key_id] = 0.0
                 log.info("artifact_unsealed", artifact=path.name)
             except EnclaveError as e:
                 log.info("artifact_needs_key", artifact=path.name, reason=str(e))
@@ -127,16 +131,23 @@ class AgentDaemon:
         self._last_attest = time.monotonic()
         self.flush()
 
+    def needed_keys(self) -> list[str]:
+        """Keys to ask for: those of artifacts without a key and those whose lease is due."""
+        now = time.time()
+        due = [k for k, at in self.renew_at.items() if at <= now and k not in self.missing]
+        return [*self.missing, *due]
+
     def on_challenge(self, payload: bytes) -> None:
         challenge = messages.Challenge.decode(payload)
-        if self.missing and self.flush():
+        needed = self.needed_keys()
+        if needed and self.flush():
             token = self._evidence(challenge.nonce)
-            request = messages.KeyRequest(token, tuple(self.missing))
+            request = messages.KeyRequest(token, tuple(needed))
             self._requested_nonce = challenge.nonce
             self.mqtt.publish(
                 topics.device_topic(self.device_id, topics.KEYS_REQUEST), request.encode()
             )
-            log.info("keys_requested", keys=len(self.missing))
+            log.info("keys_requested", keys=len(needed))
             self._last_attest = time.monotonic()
         else:
             self.attest(challenge.nonce)
@@ -150,14 +161,17 @@ class AgentDaemon:
         if response.keys:
             self.revoked = False
         for key in response.keys:
-            path = self.missing.get(key.key_id)
+            path = self.by_key.get(key.key_id)
             if path is None:
                 continue
             try:
-                with self._enclave_lock:
+                with self._enclave_lock:  # a renewal reloads the artifact under its new lease
                     self.host.load_artifact(path, WrappedKey(key.wrapped, key.aad))
-                del self.missing[key.key_id]
-                log.info("artifact_loaded_with_released_key", artifact=path.name)
+                self.missing.pop(key.key_id, None)
+                self.renew_at[key.key_id] = key.renew_at
+                log.info(
+                    "artifact_loaded_with_released_key", artifact=path.name, lease_until=key.until
+                )
             except EnclaveError as e:
                 log.error("released_key_refused_by_enclave", artifact=path.name, reason=str(e))
         for key_id, reason in response.refused:
@@ -181,8 +195,8 @@ class AgentDaemon:
             self._publish_status("online", report=f"ignored a command: {e}"[:300])
             return
         self._last_command = command.nonce
-        for path in self.config.artifacts:
-            self.missing[manifest_of(path).key_id] = path
+        self.missing = dict(self.by_key)
+        self.renew_at.clear()
         self.revoked = True
         log.warning("revoked", reason=reason)
         self._publish_status("revoked", report=reason)
@@ -233,7 +247,7 @@ class AgentDaemon:
                     self.handle(msg)
                 if (
                     connected
-                    and self.missing
+                    and self.needed_keys()
                     and not self.revoked
                     and time.monotonic() - self._last_announce >= KEY_RETRY_S
                 ):

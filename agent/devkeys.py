@@ -8,6 +8,7 @@ obtained this way only ever reach enclaves that no production policy trusts.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from agent.errors import EnclaveError
@@ -17,6 +18,7 @@ from provisioning.keystore import Keystore
 from strongroom import keywrap
 
 DEV_AAD_PREFIX = b"strongroom/dev-key/v1|"
+DEV_LEASE_S = 30 * 86400
 
 
 def dev_wrapped_key(home_path: Path, enclave: EnclaveInfo, artifact_path: Path) -> WrappedKey:
@@ -30,7 +32,10 @@ def dev_wrapped_key(home_path: Path, enclave: EnclaveInfo, artifact_path: Path) 
     _entry, data_key = Keystore(home.keystore_dir).unwrap(manifest.key_id)
     try:
         aad = DEV_AAD_PREFIX + enclave.public_key
-        wrapped = keywrap.wrap_key(enclave.public_key, data_key, key_id=manifest.key_id, aad=aad)
+        lease = keywrap.Lease(time.time() + DEV_LEASE_S, 0)
+        wrapped = keywrap.wrap_key(
+            enclave.public_key, data_key, lease, key_id=manifest.key_id, aad=aad
+        )
     finally:
         data_key[:] = bytes(len(data_key))
     return WrappedKey(wrapped, aad)

@@ -1,13 +1,19 @@
-"""Wrapping a data key to one enclave instance: HPKE (RFC 9180) base mode.
+"""Wrapping a data key and its lease to one enclave instance: HPKE (RFC 9180) base mode.
 
 Suite: DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM (pyhpke). The recipient is the
 enclave's ephemeral X25519 key, whose public half the enclave bound into its attestation report;
-`info` names the key id and `aad` carries the caller's binding (device, request nonce), so a wrapped
-key is useless to any other enclave, device or request. Wire form: `enc (32 bytes) || ciphertext`.
+`info` names the key id and `aad` carries the caller's binding (device, request nonce). The sealed
+plaintext is CBOR `{"key": data key, "until": lease end (epoch s), "grace": offline grace (s)}`:
+only the enclave reads the lease, and only the holder of the data key can have written it, since
+the enclave checks the key against the artifact's key check value. Wire form:
+`enc (32 bytes) || ciphertext`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import cbor2
 from cryptography.hazmat.primitives.asymmetric import x25519
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
 
@@ -19,19 +25,32 @@ ENC_SIZE = 32
 PUBLIC_KEY_SIZE = 32
 
 
-def wrap_key(recipient: bytes, data_key: bytes | bytearray, *, key_id: str, aad: bytes) -> bytes:
-    """Encrypt `data_key` to the X25519 public key `recipient` (32 raw bytes)."""
+@dataclass(frozen=True)
+class Lease:
+    until: float  # epoch seconds
+    grace_s: float  # how long past `until` the enclave may serve without renewing
+
+    @property
+    def deadline(self) -> float:
+        return self.until + self.grace_s
+
+
+def wrap_key(
+    recipient: bytes, data_key: bytes | bytearray, lease: Lease, *, key_id: str, aad: bytes
+) -> bytes:
+    """Encrypt `data_key` and its lease to the X25519 public key `recipient` (32 raw bytes)."""
     if len(recipient) != PUBLIC_KEY_SIZE:
         raise FormatError("an enclave public key has 32 bytes")
     pk = KEMKey.from_pyca_cryptography_key(x25519.X25519PublicKey.from_public_bytes(recipient))
     enc, ctx = _SUITE.create_sender_context(pk, _INFO_DOMAIN + key_id.encode())
-    return bytes(enc) + bytes(ctx.seal(bytes(data_key), aad))
+    plaintext = cbor2.dumps({"key": bytes(data_key), "until": lease.until, "grace": lease.grace_s})
+    return bytes(enc) + bytes(ctx.seal(plaintext, aad))
 
 
 def unwrap_key(
     private_key: x25519.X25519PrivateKey, wrapped: bytes, *, key_id: str, aad: bytes
-) -> bytearray:
-    """Decrypt a wrapped key; raise IntegrityError if it was not made for this key and binding."""
+) -> tuple[bytearray, Lease]:
+    """Decrypt a wrapped key; IntegrityError if it was not made for this key and binding."""
     if len(wrapped) <= ENC_SIZE:
         raise FormatError("wrapped key is too short")
     sk = KEMKey.from_pyca_cryptography_key(private_key)
@@ -39,6 +58,15 @@ def unwrap_key(
         ctx = _SUITE.create_recipient_context(
             wrapped[:ENC_SIZE], sk, _INFO_DOMAIN + key_id.encode()
         )
-        return bytearray(ctx.open(wrapped[ENC_SIZE:], aad))
+        plaintext = bytearray(ctx.open(wrapped[ENC_SIZE:], aad))
     except Exception as e:  # pyhpke raises its own OpenError/ValueError family
         raise IntegrityError("wrapped key does not open for this enclave") from e
+    try:
+        doc = cbor2.loads(plaintext)
+        key = bytearray(doc["key"])
+        lease = Lease(float(doc["until"]), float(doc["grace"]))
+    except Exception as e:  # authenticated but malformed: refused all the same
+        raise FormatError("wrapped key has a malformed payload") from e
+    finally:
+        plaintext[:] = bytes(len(plaintext))
+    return key, lease

@@ -81,6 +81,8 @@ class ReleasedKey:
     key_id: str
     wrapped: bytes
     aad: bytes
+    until: float  # lease end, in clear for the agent's scheduling (the enclave reads its own copy)
+    renew_at: float  # when the agent should ask again
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,7 @@ class KeyResponse:
         return cbor2.dumps(
             {
                 "nonce": self.nonce,
-                "keys": [[k.key_id, k.wrapped, k.aad] for k in self.keys],
+                "keys": [[k.key_id, k.wrapped, k.aad, k.until, k.renew_at] for k in self.keys],
                 "refused": [list(r) for r in self.refused],
             }
         )
@@ -103,8 +105,8 @@ class KeyResponse:
         doc = _load(payload, "key response")
         try:
             keys = tuple(
-                ReleasedKey(str(i), bytes(w), bytes(a))
-                for i, w, a in _field(doc, "keys", list, "key response")
+                ReleasedKey(str(i), bytes(w), bytes(a), float(u), float(r))
+                for i, w, a, u, r in _field(doc, "keys", list, "key response")
             )
             refused = tuple(
                 (str(i), str(r)) for i, r in _field(doc, "refused", list, "key response")

@@ -248,6 +248,28 @@ class Verifier:
             self.revoke(device_id, "; ".join(result.reasons) or "contraindicated")
         return ev, result.status
 
+    def mark_stale(self, since: float) -> None:
+        """Devices silent past their interval and grace get a `none` result saying so."""
+        for device_id in self.store.silent_devices(since):
+            silent = int(self.clock() - since)
+            result = AttestationResult(
+                device_id=device_id,
+                status="none",
+                vector={},
+                reasons=(f"stale: no evidence for more than {silent} s",),
+                policy_id=f"policy:v{self.policy.version}",
+                iat=int(self.clock()),
+                details={"freshness": "stale"},
+            )
+            token = sign_result(result, self._result_key)
+            self.store.save_result(device_id, "none", token, self.clock())
+            try:
+                topic = topics.device_topic(device_id, topics.RESULT)
+                self.mqtt.publish(topic, token, retain=True)
+            except MqttError as e:
+                log.warning("stale_result_not_published", device=device_id, reason=str(e))
+            self.alert("warning", device_id, result.reasons[0])
+
     def handle_evidence(self, device_id: str, payload: bytes) -> None:
         self._appraise(device_id, payload, need_fresh=False)
 
@@ -259,6 +281,7 @@ class Verifier:
             return
         ev, status = appraised
         released, refused = [], []
+        lease = keywrap.Lease(self.clock() + self.policy.lease_s, self.policy.offline_grace_s)
         for key_id in request.key_ids:
             reason = self._release_refusal(key_id, ev, status)
             if reason is not None:
@@ -271,10 +294,11 @@ class Verifier:
             _entry, data_key = self.keystore.unwrap(key_id)
             try:
                 aad = key_aad(device_id, ev.nonce)
-                wrapped = keywrap.wrap_key(ev.enclave_key, data_key, key_id=key_id, aad=aad)
+                wrapped = keywrap.wrap_key(ev.enclave_key, data_key, lease, key_id=key_id, aad=aad)
             finally:
                 data_key[:] = bytes(len(data_key))
-            released.append(messages.ReleasedKey(key_id, wrapped, aad))
+            renew_at = lease.until - self.policy.renew_margin_s
+            released.append(messages.ReleasedKey(key_id, wrapped, aad, lease.until, renew_at))
             log.info("key_released", device=device_id, key_id=key_id)
             self.audit.append(
                 "key_released", device_id, key_id=key_id, seq=ev.seq, mrenclave=ev.enclave.mrenclave
@@ -349,6 +373,7 @@ class Verifier:
         interval = self.config.challenge_interval_s or self.policy.attestation_interval_s
         if now - self._last_round >= interval:
             self._last_round = now
+            self.mark_stale(now - self.policy.attestation_interval_s - self.policy.offline_grace_s)
             for device_id in self.store.online_devices():
                 try:
                     self.challenge(device_id)

@@ -58,4 +58,9 @@ class StateStore(Protocol):
 
     def online_devices(self) -> list[str]: ...
 
+    def silent_devices(self, since: float) -> list[str]:
+        """Devices heard from before, but not since `since`, whose latest result is not
+        already `none`."""
+        ...
+
     def close(self) -> None: ...

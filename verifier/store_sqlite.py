@@ -130,5 +130,13 @@ class SqliteStore:
         rows = self._db.execute("SELECT device_id FROM devices WHERE online = 1").fetchall()
         return [r[0] for r in rows]
 
+    def silent_devices(self, since: float) -> list[str]:
+        rows = self._db.execute(
+            "SELECT d.device_id FROM devices d LEFT JOIN results r ON r.device_id = d.device_id "
+            "WHERE d.seen_at > 0 AND d.seen_at < ? AND (r.status IS NULL OR r.status != 'none')",
+            (since,),
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def close(self) -> None:
         self._db.close()

@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import json
 import secrets
+import select
 import signal
 import sys
+import time
 import types
 from collections.abc import Callable
 from typing import Any
@@ -31,6 +33,7 @@ from strongroom.image import CONTENT_MAGIC, parse_content
 from strongroom.signing import VerifyKey
 
 MAX_RESULT = 1024 * 1024
+LEASE_CHECK_S = 1.0
 MAX_TIMEOUT = 300.0
 ERROR_MESSAGE_MAX = 200
 
@@ -126,6 +129,8 @@ class Enclave:
         verifier = getattr(policy, "VERIFIER_KEY", "")
         self._verifier_key = VerifyKey(bytes.fromhex(verifier)) if verifier else None
         self.revoked = False
+        self.expired = False
+        self._deadlines: dict[str, float] = {}
         self.identity: EnclaveIdentity | None = None
         self._plaintext: dict[str, bytearray] = {}
         self._manifests: dict[str, artifact.ArtifactManifest] = {}
@@ -162,18 +167,19 @@ class Enclave:
 
     def _data_key(
         self, manifest: artifact.ArtifactManifest, msg: Message
-    ) -> tuple[bytearray, bool]:
-        """The artifact's data key from a wrapped key (fresh) or a sealed blob (restart)."""
+    ) -> tuple[bytearray, bool, float]:
+        """The artifact's data key, whether it is fresh (wrapped by the fleet) or unsealed, and
+        its lease deadline."""
         assert self.identity is not None  # noqa: S101 - serve() only runs after attestation
         name = manifest.name
         if isinstance(msg.get("wrapped_key"), bytes) and isinstance(msg.get("key_aad"), bytes):
             try:
-                key = keywrap.unwrap_key(
+                key, lease = keywrap.unwrap_key(
                     self._private, msg["wrapped_key"], key_id=manifest.key_id, aad=msg["key_aad"]
                 )
             except StrongroomError as e:
                 raise Refusal(str(e)) from e
-            return key, True
+            return key, True, lease.deadline
         if isinstance(msg.get("sealed"), bytes):
             try:
                 header, key = sealing.unseal(self._platform.seal_key, msg["sealed"])
@@ -188,6 +194,12 @@ class Enclave:
             ):
                 key[:] = bytes(len(key))
                 raise Refusal(f"sealed blob belongs to another artifact or version than {name}")
+            if header.deadline < time.time():
+                key[:] = bytes(len(key))
+                raise Refusal(
+                    f"the sealed key of {name} expired: the device was offline beyond its lease "
+                    "and grace; it must attest again"
+                )
             current = self._platform.counter(f"seal:{name}")
             if header.counter != current:
                 key[:] = bytes(len(key))
@@ -195,7 +207,7 @@ class Enclave:
                     f"sealed blob for {name} is stale (counter {header.counter}, platform at "
                     f"{current}): an older blob was replayed"
                 )
-            return key, False
+            return key, False, header.deadline
         raise Refusal("no key for the artifact: send a wrapped key or a sealed blob")
 
     def load(self, msg: Message) -> Message:
@@ -224,7 +236,7 @@ class Enclave:
                 f"rollback: artifact {manifest.name} v{manifest.version} is older than "
                 f"v{floor} already run on this device"
             )
-        data_key, fresh = self._data_key(manifest, msg)
+        data_key, fresh, deadline = self._data_key(manifest, msg)
         self._host.send({"op": "send_body"})
         body = _HostBody(self._host, msg["body_size"])
         plaintext = bytearray(manifest.size)
@@ -239,8 +251,10 @@ class Enclave:
             body.drain()
             raise Refusal(f"artifact {manifest.name} refused: {e}") from e
         self._install(manifest, plaintext)
+        self._deadlines[manifest.name] = deadline
         if fresh:
             self.revoked = False  # keyed again by the fleet after a reinstatement
+            self.expired = False
         self._platform.advance(f"version:{manifest.name}", manifest.version)
         reply: Message = {
             "op": "loaded",
@@ -260,6 +274,7 @@ class Enclave:
                 manifest.version,
                 manifest.key_id,
                 counter,
+                deadline,
             )
             reply["sealed"] = sealing.seal(self._platform.seal_key, header, data_key)
         data_key[:] = bytes(len(data_key))
@@ -313,6 +328,12 @@ class Enclave:
         check(msg, {"entrypoint": str, "timeout": float}, {"input": object})
         if self.revoked:
             raise Refusal("this enclave was revoked; it serves nothing until it is keyed again")
+        self.expire_leases()
+        if self.expired:
+            raise Refusal(
+                "lease expired: the device could not renew its keys in time; it serves again "
+                "once it attests"
+            )
         module_name, _, func_name = msg["entrypoint"].partition(":")
         top = module_name.partition(".")[0]
         if not func_name or not any(f.provides(top) for f in self._finders.values()):
@@ -352,6 +373,16 @@ class Enclave:
         """Zeroise plaintext and forget keys (see docs/threat-model.md for CPython's limits)."""
         for name in list(self._plaintext):
             self._drop(name)
+        self._deadlines.clear()
+
+    def expire_leases(self) -> None:
+        """Wipe every artifact whose lease (plus grace) has ended."""
+        now = time.time()
+        for name, deadline in list(self._deadlines.items()):
+            if deadline < now:
+                self._drop(name)
+                del self._deadlines[name]
+                self.expired = True
 
     def revoke(self, msg: Message) -> Message:
         """Obey a revoke command signed by the fleet verifier: wipe everything held."""
@@ -366,8 +397,24 @@ class Enclave:
         self.revoked = True
         return {"op": "revoked", "reason": command.reason[:200]}
 
+    def status(self, msg: Message) -> Message:
+        check(msg, {})
+        loaded = sorted(f"{m.name}@{m.version}" for m in self._manifests.values())
+        return {"op": "status", "loaded": loaded}
+
     def serve(self) -> None:
+        handlers: dict[str, Callable[[Message], Message]] = {
+            "load": self.load,
+            "invoke": self.invoke,
+            "evidence": self.evidence,
+            "status": self.status,
+            "revoke": self.revoke,
+        }
         while True:
+            ready, _, _ = select.select([self._host.fileno()], [], [], LEASE_CHECK_S)
+            if not ready:
+                self.expire_leases()  # leases end even when nobody asks
+                continue
             try:
                 msg = self._host.recv()
             except ChannelClosed:
@@ -377,27 +424,17 @@ class Enclave:
                 continue
             op = msg["op"]
             try:
-                if op == "load":
-                    reply = self.load(msg)
-                elif op == "invoke":
-                    reply = self.invoke(msg)
-                elif op == "evidence":
-                    reply = self.evidence(msg)
-                elif op == "status":
-                    reply = {
-                        "op": "status",
-                        "loaded": sorted(f"{m.name}@{m.version}" for m in self._manifests.values()),
-                    }
-                elif op == "revoke":
-                    reply = self.revoke(msg)
-                elif op in ("shutdown", "wipe"):
+                if op in ("shutdown", "wipe"):
+                    check(msg, {})
                     self.wipe()
                     self._host.send({"op": "wiped"})
                     if op == "shutdown":
                         return
                     continue
-                else:
-                    reply = {"op": "error", "reason": f"unknown request {op!r}"}
+                handler = handlers.get(op)
+                if handler is None:
+                    raise Refusal(f"unknown request {op!r}")
+                reply = handler(msg)
             except (Refusal, ChannelError) as e:
                 reply = {"op": "error", "reason": str(e)}
             self._host.send(reply)

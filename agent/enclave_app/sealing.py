@@ -33,6 +33,7 @@ class SealedHeader:
     version: int
     data_key_id: str
     counter: int
+    deadline: float  # lease end + offline grace: no unsealing after it
 
     def encode(self) -> bytes:
         return cbor2.dumps(self.__dict__, canonical=True)
@@ -60,6 +61,7 @@ def read_header(blob: bytes) -> tuple[SealedHeader, dict[str, Any]]:
             int(h["version"]),
             str(h["data_key_id"]),
             int(h["counter"]),
+            float(h["deadline"]),
         )
         if not isinstance(outer["nonce"], bytes) or not isinstance(outer["ct"], bytes):
             raise TypeError("nonce and ct must be bytes")
