@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioning.broker_config import BrokerSettings, acl_text, mosquitto_conf
-from provisioning.home import DASHBOARD_CN, VERIFIER_CN, FleetHome
+from provisioning.home import DASHBOARD_CN, MAX_VERIFIER_INSTANCES, VERIFIER_CN, FleetHome
 from strongroom.errors import EnvironmentFault
 from strongroom.fsutil import SECRET_FILE, make_private_dir, write_atomic
 
@@ -55,7 +55,8 @@ def write_broker_config(
         data_dir=data,
         user=getpass.getuser(),
     )
-    write_atomic(acl, acl_text(VERIFIER_CN, DASHBOARD_CN).encode(), SECRET_FILE)
+    extra = tuple(f"{VERIFIER_CN}-{i}" for i in range(1, MAX_VERIFIER_INSTANCES + 1))
+    write_atomic(acl, acl_text((VERIFIER_CN, *extra), DASHBOARD_CN).encode(), SECRET_FILE)
     write_atomic(config, mosquitto_conf(settings).encode(), SECRET_FILE)
     return BrokerFiles(config, acl, data)
 

@@ -26,7 +26,7 @@ from cryptography.x509.oid import NameOID
 from provisioning.broker_config import DASHBOARD, DEVICE, READ, VERIFIER, WRITE, acl_allows
 from provisioning.home import DASHBOARD_CN, VERIFIER_CN, FleetHome
 
-_ROLES = {VERIFIER_CN: VERIFIER, DASHBOARD_CN: DASHBOARD}
+_ROLES = {DASHBOARD_CN: DASHBOARD}  # and every identity starting with "_verifier"
 
 
 def _cert_cn(session: Any) -> str | None:
@@ -63,7 +63,7 @@ class FleetAcl(BaseTopicPlugin):
         if session is None or topic is None:
             return False
         identity = _cert_cn(session) or ""
-        role = _ROLES.get(identity, DEVICE)
+        role = VERIFIER if identity.startswith(VERIFIER_CN) else _ROLES.get(identity, DEVICE)
         access = WRITE if action == Action.PUBLISH else READ
         return acl_allows(role, identity, access, topic)
 

@@ -44,6 +44,7 @@ from strongroom.signing import SigningKey, VerifyKey
 
 HOME_FORMAT = "strongroom-fleet-home/1"
 VERIFIER_CN = "_verifier"
+MAX_VERIFIER_INSTANCES = 8  # extra verifier identities "_verifier-1" .. "_verifier-8"
 DASHBOARD_CN = "_dashboard"
 BROKER_NAMES = ("localhost", "127.0.0.1", "::1")
 KEK_SIZE = 32
@@ -87,6 +88,28 @@ class FleetHome:
         return VerifyKey.from_pem(
             read_file(self.root / "verifier" / "result-signing.pub", "result key")
         )
+
+    def verifier_identity(self, instance: int = 0) -> tuple[str, Path, Path]:
+        """(CN, certificate, key) of verifier process `instance` (0: the default identity).
+
+        MQTT client ids must differ between connected clients, and the broker makes the
+        certificate CN the client id, so each verifier process needs an identity of its own;
+        instances 1-8 are issued on first use."""
+        if instance == 0:
+            d = self.root / "verifier"
+            return VERIFIER_CN, d / "client.pem", d / "client.key"
+        if not 1 <= instance <= MAX_VERIFIER_INSTANCES:
+            raise InputError(f"verifier instance must be between 1 and {MAX_VERIFIER_INSTANCES}")
+        cn = f"{VERIFIER_CN}-{instance}"
+        cert, key = (
+            self.root / "verifier" / f"client-{instance}.pem",
+            self.root / "verifier" / f"client-{instance}.key",
+        )
+        if not cert.exists():
+            issued = ca.issue(self.ca_issued(), self.fleet_id, cn)
+            write_atomic(key, issued.key_pem, SECRET_FILE)
+            write_atomic(cert, issued.cert_pem, PUBLIC_FILE)
+        return cn, cert, key
 
     def ca_issued(self) -> ca.Issued:
         return ca.Issued(read_file(self.ca_key, "CA key"), read_file(self.ca_cert, "CA cert"))

@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
-from provisioning.home import VERIFIER_CN, open_home
+from provisioning.home import open_home
 from provisioning.registry import Registry
 from strongroom.errors import InputError, IntegrityError
 from strongroom.fsutil import read_file
@@ -26,6 +26,8 @@ from strongroom.signals import stop_event
 from strongroom.signing import SigningKey
 from verifier.audit import AuditLog, verify
 from verifier.service import Verifier, VerifierConfig, audit_path, verifier_db_path
+from verifier.store import StateStore
+from verifier.store_postgres import PostgresStore, is_postgres_url
 from verifier.store_sqlite import SqliteStore
 
 log = structlog.get_logger()
@@ -49,18 +51,23 @@ def _broker_run(args: argparse.Namespace) -> int:
 def _verifier_run(args: argparse.Namespace) -> int:
     home = open_home(args.home)
     host, port = parse_broker_url(args.broker)
+    cn, cert, key = home.verifier_identity(args.instance)
     mqtt = MqttClient(
         MqttSettings(
             host=host,
             port=port,
             ca=home.ca_cert,
-            cert=home.root / "verifier" / "client.pem",
-            key=home.root / "verifier" / "client.key",
-            client_id=VERIFIER_CN,
+            cert=cert,
+            key=key,
+            client_id=cn,
             protocol=mqtt_protocol(args.mqtt),
         )
     )
-    store = SqliteStore(args.db or verifier_db_path(home))
+    store: StateStore
+    if args.db and is_postgres_url(args.db):
+        store = PostgresStore(args.db, args.db_schema)
+    else:
+        store = SqliteStore(Path(args.db) if args.db else verifier_db_path(home))
     verifier = Verifier(
         VerifierConfig(home=home, shared=args.shared, challenge_interval_s=args.challenge_interval),
         store,
@@ -167,7 +174,14 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--broker", default=f"mqtts://localhost:{DEFAULT_PORT}", metavar="URL")
     p.add_argument(
-        "--db", type=Path, help="SQLite state file (default: HOME/verifier/state.sqlite)"
+        "--db", help="postgresql://... URL, or a SQLite file (default HOME/verifier/state.sqlite)"
+    )
+    p.add_argument("--db-schema", default="strongroom", help="PostgreSQL schema")
+    p.add_argument(
+        "--instance",
+        type=int,
+        default=0,
+        help="1-8: this process's own MQTT identity, to run several verifiers",
     )
     p.add_argument("--shared", action="store_true", help="join the $share/verifiers group")
     add_mqtt_version(p)

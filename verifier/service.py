@@ -234,8 +234,12 @@ class Verifier:
             },
         )
         token_out = sign_result(result, self._result_key)
-        self.store.save_result(device_id, result.status, token_out, self.clock())
-        self.mqtt.publish(topics.device_topic(device_id, topics.RESULT), token_out, retain=True)
+        if ev.seq >= self.store.last_seq(
+            device_id
+        ):  # late evidence does not replace a newer result
+            self.store.save_result(device_id, result.status, token_out, self.clock())
+            topic = topics.device_topic(device_id, topics.RESULT)
+            self.mqtt.publish(topic, token_out, retain=True)
         self._count(f"appraised_{result.status}")
         log.info(
             "appraised",
@@ -375,6 +379,8 @@ class Verifier:
             self._last_round = now
             self.mark_stale(now - self.policy.attestation_interval_s - self.policy.offline_grace_s)
             for device_id in self.store.online_devices():
+                if not self.store.claim_challenge(device_id, now, interval / 2):
+                    continue  # another verifier process challenges this one
                 try:
                     self.challenge(device_id)
                 except MqttError as e:

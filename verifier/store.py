@@ -18,8 +18,8 @@ from provisioning.registry import DeviceRecord
 class Freshness(enum.Enum):
     FRESH = "fresh"  # answers an outstanding challenge of ours
     PERIODIC = "periodic"  # the device's own nonce; fresh by its increasing sequence number
-    DUPLICATE = "duplicate"  # the very evidence we accepted last (an MQTT redelivery)
-    REPLAY = "replay"  # sequence number not above the last one, or a nonce used before
+    DUPLICATE = "duplicate"  # evidence already accepted (an MQTT redelivery)
+    REPLAY = "replay"  # a sequence number seen before or far below the highest, or a used nonce
     EXPIRED = "expired"  # our challenge, answered after it expired
 
 
@@ -50,6 +50,8 @@ class StateStore(Protocol):
         evidence (its sequence number and hash); with `require_fresh`, PERIODIC records nothing."""
         ...
 
+    def last_seq(self, device_id: str) -> int: ...
+
     def save_result(self, device_id: str, status: str, token: bytes, at: float) -> None: ...
 
     def result(self, device_id: str) -> StoredResult | None: ...
@@ -57,6 +59,11 @@ class StateStore(Protocol):
     def set_online(self, device_id: str, online: bool, at: float) -> None: ...
 
     def online_devices(self) -> list[str]: ...
+
+    def claim_challenge(self, device_id: str, now: float, min_gap: float) -> bool:
+        """True for exactly one caller per device and `min_gap` (several verifiers share the
+        periodic challenges instead of each sending its own)."""
+        ...
 
     def silent_devices(self, since: float) -> list[str]:
         """Devices heard from before, but not since `since`, whose latest result is not

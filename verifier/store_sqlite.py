@@ -16,13 +16,20 @@ CREATE TABLE IF NOT EXISTS devices (
     last_seq INTEGER NOT NULL DEFAULT 0,
     last_hash BLOB,
     online INTEGER NOT NULL DEFAULT 0,
-    seen_at REAL NOT NULL DEFAULT 0
+    seen_at REAL NOT NULL DEFAULT 0,
+    challenged_at REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS nonces (
     nonce BLOB PRIMARY KEY,
     device_id TEXT NOT NULL,
     expires REAL NOT NULL,
     used INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS seen (
+    device_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash BLOB NOT NULL,
+    PRIMARY KEY (device_id, seq)
 );
 CREATE TABLE IF NOT EXISTS results (
     device_id TEXT PRIMARY KEY,
@@ -32,6 +39,9 @@ CREATE TABLE IF NOT EXISTS results (
 );
 """
 NONCE_RETENTION_S = 3600
+# Evidence may arrive out of order when several verifiers share the work: any sequence number not
+# seen before and above (highest - SEQ_WINDOW) is accepted once; anything else is a replay.
+SEQ_WINDOW = 1024
 
 
 class SqliteStore:
@@ -78,9 +88,12 @@ class SqliteStore:
             if row is None:
                 return Freshness.REPLAY
             last_seq, last_hash = row
-            if last_hash == token_hash:
-                return Freshness.DUPLICATE
-            if seq <= last_seq:
+            seen = self._db.execute(
+                "SELECT hash FROM seen WHERE device_id = ? AND seq = ?", (device_id, seq)
+            ).fetchone()
+            if seen is not None:  # a redelivery of the latest is benign; anything older, a replay
+                return Freshness.DUPLICATE if last_hash == token_hash else Freshness.REPLAY
+            if seq <= last_seq - SEQ_WINDOW:
                 return Freshness.REPLAY
             found = self._db.execute(
                 "SELECT used, expires FROM nonces WHERE nonce = ? AND device_id = ?",
@@ -97,12 +110,26 @@ class SqliteStore:
                     return Freshness.EXPIRED
                 self._db.execute("UPDATE nonces SET used = 1 WHERE nonce = ?", (nonce,))
                 freshness = Freshness.FRESH
-            updated = self._db.execute(
-                "UPDATE devices SET last_seq = ?, last_hash = ?, seen_at = ? "
-                "WHERE device_id = ? AND last_seq < ?",
-                (seq, token_hash, now, device_id, seq),
-            ).rowcount
-            return freshness if updated == 1 else Freshness.REPLAY
+            self._db.execute(
+                "INSERT INTO seen (device_id, seq, hash) VALUES (?, ?, ?)",
+                (device_id, seq, token_hash),
+            )
+            self._db.execute(
+                "UPDATE devices SET last_seq = MAX(last_seq, ?), last_hash = ?, seen_at = ? "
+                "WHERE device_id = ?",
+                (seq, token_hash, now, device_id),
+            )
+            self._db.execute(
+                "DELETE FROM seen WHERE device_id = ? AND seq <= ?",
+                (device_id, max(last_seq, seq) - SEQ_WINDOW),
+            )
+            return freshness
+
+    def last_seq(self, device_id: str) -> int:
+        row = self._db.execute(
+            "SELECT last_seq FROM devices WHERE device_id = ?", (device_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def save_result(self, device_id: str, status: str, token: bytes, at: float) -> None:
         with self._db:
@@ -129,6 +156,14 @@ class SqliteStore:
     def online_devices(self) -> list[str]:
         rows = self._db.execute("SELECT device_id FROM devices WHERE online = 1").fetchall()
         return [r[0] for r in rows]
+
+    def claim_challenge(self, device_id: str, now: float, min_gap: float) -> bool:
+        with self._db:
+            updated = self._db.execute(
+                "UPDATE devices SET challenged_at = ? WHERE device_id = ? AND challenged_at < ?",
+                (now, device_id, now - min_gap),
+            ).rowcount
+        return bool(updated == 1)
 
     def silent_devices(self, since: float) -> list[str]:
         rows = self._db.execute(

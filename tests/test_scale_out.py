@@ -1,0 +1,127 @@
+"""Several verifier processes on one PostgreSQL database and a shared subscription: each evidence
+is appraised exactly once and no nonce is ever accepted twice."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from provisioning.registry import DeviceRecord
+from strongroom import topics
+from strongroom.signing import SigningKey
+from tests.fleet import Fleet, Proc, cli, wait_until
+from tests.test_remote_attestation import _device_client, _evidence_of
+from verifier.store import Freshness
+from verifier.store_postgres import PostgresStore
+
+PG_URL = os.environ.get("STRONGROOM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    try:
+        conn = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
+    except psycopg.Error as e:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"PostgreSQL not reachable at {PG_URL}: {str(e).splitlines()[0]}")
+    schema = f"sr_test_{secrets.token_hex(6)}"
+    yield schema
+    conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    conn.close()
+
+
+def _device(device_id: str) -> DeviceRecord:
+    return DeviceRecord(device_id, SigningKey.generate().verify_key, "0" * 64, "1.0.0", False, True)
+
+
+def test_two_stores_racing_accept_each_nonce_once(pg_schema: str) -> None:
+    stores = [PostgresStore(PG_URL, pg_schema) for _ in range(2)]
+    stores[0].sync_devices([_device("cam-1")])
+    nonces = [os.urandom(32) for _ in range(100)]
+    for n in nonces:
+        stores[0].issue_nonce("cam-1", n, time.time() + 60)
+    outcomes: list[Freshness] = []
+    lock = threading.Lock()
+
+    def answer(store: PostgresStore, offset: int) -> None:
+        for i, n in enumerate(nonces):
+            # both processes see the same nonce answered (as a replayed or duplicated delivery)
+            verdict = store.accept_evidence(
+                "cam-1", n, 2 * i + 1 + offset, os.urandom(32), time.time()
+            )
+            with lock:
+                outcomes.append(verdict)
+
+    threads = [threading.Thread(target=answer, args=(s, k)) for k, s in enumerate(stores)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fresh = [o for o in outcomes if o is Freshness.FRESH]
+    assert len(outcomes) == 200 and len(fresh) <= 100
+    assert all(o in (Freshness.FRESH, Freshness.REPLAY) for o in outcomes)
+    used = stores[0]._db.execute(f"SELECT count(*) FROM {pg_schema}.nonces WHERE used").fetchone()
+    assert used is not None and used[0] == len(fresh)  # never one nonce accepted twice
+    for s in stores:
+        s.close()
+
+
+def _appraised(procs: list[Proc]) -> list[tuple[int, str]]:
+    out = []
+    for k, p in enumerate(procs):
+        out += [(k, line) for line in p.log().splitlines() if '"appraised"' in line]
+    return out
+
+
+def test_two_verifiers_on_a_shared_subscription_appraise_each_evidence_once(
+    fleet: Fleet, pg_schema: str
+) -> None:
+    fleet.broker.start()
+    verifiers = [
+        Proc(
+            cli(
+                "verifier",
+                "run",
+                "--home",
+                str(fleet.home.root),
+                "--broker",
+                fleet.broker.url,
+                "--db",
+                PG_URL,
+                "--db-schema",
+                pg_schema,
+                "--shared",
+                "--instance",
+                str(i),
+            ),
+            fleet.root / f"verifier-{i}.log",
+        )
+        for i in (1, 2)
+    ]
+    try:
+        for v in verifiers:
+            wait_until(lambda v=v: "verifier_started" in v.log(), 20, "verifier start")
+        time.sleep(0.5)  # both subscribed
+        fleet.enroll("cam-1")
+        fleet.enroll("cam-2")
+        evidence = {d: _evidence_of(fleet, d, 12) for d in ("cam-1", "cam-2")}
+        for device_id, tokens in evidence.items():
+            client = _device_client(fleet, device_id)
+            for token in tokens:
+                client.publish(topics.device_topic(device_id, topics.EVIDENCE), token)
+            client.stop()
+        wait_until(lambda: len(_appraised(verifiers)) >= 24, 30, "every evidence appraised")
+        time.sleep(1.0)
+        appraised = _appraised(verifiers)
+        assert len(appraised) == 24  # exactly once each
+        assert {k for k, _line in appraised} == {0, 1}  # the work was shared
+    finally:
+        for v in verifiers:
+            v.stop()
