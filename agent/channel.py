@@ -9,6 +9,7 @@ only the standard library and cbor2.
 
 from __future__ import annotations
 
+import io
 import socket
 import struct
 from collections.abc import Mapping
@@ -43,14 +44,41 @@ def encode(msg: Message, max_frame: int = MAX_FRAME) -> bytes:
     return _LEN.pack(len(payload)) + payload
 
 
+_PLAIN = (str, bytes, int, float, bool, type(None))
+MAX_DEPTH = 32
+
+
+def _check_plain(obj: Any, depth: int = 0) -> None:
+    """Only plain CBOR data may cross: maps, arrays, text, bytes, numbers, booleans, null.
+    cbor2 turns tags it knows (dates, sets, UUIDs, shared references, ...) into Python objects;
+    those are refused here, and nesting is bounded (which also stops self-referencing data)."""
+    if depth > MAX_DEPTH:
+        raise ChannelError("message nests too deeply")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _check_plain(key, depth + 1)
+            _check_plain(value, depth + 1)
+    elif isinstance(obj, list):
+        for item in obj:
+            _check_plain(item, depth + 1)
+    elif not isinstance(obj, _PLAIN):
+        raise ChannelError(f"{type(obj).__name__} values (CBOR tags) are not allowed")
+
+
 def decode(payload: bytes) -> Message:
-    """Decode one frame's payload into a message with a string `op`."""
+    """Decode one frame's payload (exactly one CBOR item) into a message with a string `op`."""
+    if payload[:3] == b"\xd9\xd9\xf7":  # the self-described-CBOR tag: no tags at all
+        raise ChannelError("CBOR tags are not allowed on the channel")
+    stream = io.BytesIO(payload)
     try:
-        msg = cbor2.loads(payload, tag_hook=_no_tags)
+        msg = cbor2.CBORDecoder(stream, tag_hook=_no_tags).decode()
     except ChannelError:
         raise
     except Exception as e:  # cbor2 raises several types for malformed input
         raise ChannelError("malformed CBOR on the channel") from e
+    if stream.tell() != len(payload):
+        raise ChannelError("data after the message in its frame")
+    _check_plain(msg)
     if not isinstance(msg, dict) or not all(isinstance(k, str) for k in msg):
         raise ChannelError("a channel message must be a map with string keys")
     if not isinstance(msg.get("op"), str):
@@ -106,7 +134,9 @@ class Channel:
             try:
                 k = self._sock.recv_into(view[got:])
             except TimeoutError as e:
-                raise ChannelClosed("no answer on the channel in time") from e
+                # a frame may be half read: the channel cannot be trusted to stay in step
+                self.close()
+                raise ChannelClosed("no answer on the channel in time; channel closed") from e
             except OSError as e:
                 raise ChannelClosed(f"channel failed: {e.strerror}") from e
             if k == 0:
@@ -117,9 +147,13 @@ class Channel:
     def recv(self, timeout: float | None = None) -> Message:
         """Receive one message; raise ChannelClosed on EOF or timeout, ChannelError if bad.
 
-        An oversized frame is drained and rejected, so the channel stays usable.
+        An oversized frame is drained and rejected, so the channel stays usable; a timeout
+        closes it (a frame may have been half read).
         """
-        self._sock.settimeout(timeout)
+        try:
+            self._sock.settimeout(timeout)
+        except OSError as e:
+            raise ChannelClosed("the channel is closed") from e
         (length,) = _LEN.unpack(self._recv_exact(_LEN.size))
         if length > self._max:
             if length > 16 * self._max:

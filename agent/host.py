@@ -18,7 +18,15 @@ from typing import Any
 
 import structlog
 
-from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
+from agent.channel import (
+    PIECE_SIZE,
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    Message,
+    Schema,
+    check,
+)
 from agent.errors import (
     BundleError,
     EnclaveCrashedError,
@@ -146,17 +154,39 @@ class EnclaveHost:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _request(self, msg: Message, timeout: float) -> Message:
+    def _request(
+        self,
+        msg: Message,
+        timeout: float,
+        expect: str,
+        fields: Schema,
+        optional: Schema | None = None,
+    ) -> Message:
+        """Send a request; return the enclave's reply, which must be `expect` with `fields`."""
         if self._enclave is None:
             raise EnclaveError("the enclave is not running")
         try:
-            reply = self._enclave.request(msg, timeout=timeout)
+            self._enclave.send(msg)
+            return self._reply(timeout, expect, fields, optional)
         except ChannelClosed as e:
             self.stop()
             raise EnclaveCrashedError(f"enclave stopped answering: {e}") from e
-        if reply["op"] == "error":
-            raise EnclaveError(str(reply.get("reason", "enclave refused")))
-        return reply
+
+    def _reply(
+        self, timeout: float, expect: str, fields: Schema, optional: Schema | None = None
+    ) -> Message:
+        assert self._enclave is not None  # noqa: S101 - callers checked it
+        try:
+            reply = self._enclave.recv(timeout=timeout)
+            if reply["op"] == "error":
+                raise EnclaveError(str(reply.get("reason", "enclave refused"))[:500])
+            if reply["op"] != expect:
+                raise ChannelError(f"expected {expect!r}, got {reply['op'][:40]!r}")
+            return check(reply, fields, optional)
+        except ChannelClosed:
+            raise
+        except ChannelError as e:
+            raise EnclaveError(f"the enclave sent a malformed reply: {e}") from e
 
     def _sealed_path(self, name: str) -> Path:
         return self.config.state_dir / "sealed" / f"{name}.blob"
@@ -179,19 +209,21 @@ class EnclaveHost:
         elif self._sealed_path(name).is_file():
             msg["sealed"] = read_file(self._sealed_path(name), "sealed blob", limit=4096)
         timeout = self.config.start_timeout_s
-        self._request(msg, timeout)  # "send_body", or an error with the reason
+        self._request(msg, timeout, "send_body", {})  # or an error with the reason
         assert self._enclave is not None  # noqa: S101 - _request checked it
-        with path.open("rb") as f:
-            f.seek(header_end)
-            while piece := f.read(PIECE_SIZE):
-                self._enclave.send({"op": "piece", "data": piece})
         try:
-            reply = self._enclave.recv(timeout=timeout)
+            with path.open("rb") as f:
+                f.seek(header_end)
+                while piece := f.read(PIECE_SIZE):
+                    self._enclave.send({"op": "piece", "data": piece})
+            reply = self._reply(
+                timeout, "loaded", {"name": str, "version": int, "sha256": str}, {"sealed": bytes}
+            )
         except ChannelClosed as e:
             self.stop()
             raise EnclaveCrashedError(f"enclave stopped answering: {e}") from e
-        if reply["op"] == "error":
-            raise EnclaveError(str(reply.get("reason")))
+        except OSError as e:
+            raise BundleError(f"cannot read artifact {path}: {e.strerror}") from e
         if isinstance(reply.get("sealed"), bytes):
             make_private_dir(self._sealed_path(name).parent)
             write_atomic(self._sealed_path(name), reply.pop("sealed"), SECRET_FILE)
@@ -210,23 +242,26 @@ class EnclaveHost:
                     "timeout": float(timeout),
                 },
                 timeout + INVOKE_GRACE_S,
+                "result",
+                {"json": str},
             )
+            return json.loads(reply["json"])
         except EnclaveCrashedError:
             raise
         except EnclaveError as e:
             raise InvokeError(str(e)) from e
-        return json.loads(check(reply, {"json": str})["json"])
+        except ValueError as e:
+            raise InvokeError("the enclave sent a result that is not JSON") from e
 
     def evidence(self, nonce: bytes) -> bytes:
         """Signed evidence (EAT) from the enclave's platform, bound to `nonce`."""
-        return bytes(
-            check(self._request({"op": "evidence", "nonce": nonce}, 30), {"token": bytes})["token"]
-        )
+        reply = self._request({"op": "evidence", "nonce": nonce}, 30, "evidence", {"token": bytes})
+        return bytes(reply["token"])
 
     def revoke(self, command: bytes) -> str:
         """Relay a signed revoke command; on success remove every sealed blob (the enclave has
         already wiped its memory) and return the reason."""
-        reply = self._request({"op": "revoke", "command": command}, 30)
+        reply = self._request({"op": "revoke", "command": command}, 30, "revoked", {"reason": str})
         sealed = self.config.state_dir / "sealed"
         if sealed.is_dir():
             for blob in sealed.glob("*.blob"):
@@ -234,7 +269,7 @@ class EnclaveHost:
         return str(reply.get("reason", ""))
 
     def status(self) -> Message:
-        return self._request({"op": "status"}, 10)
+        return self._request({"op": "status"}, 10, "status", {"loaded": list})
 
     def stop(self) -> None:
         """Ask the enclave to wipe itself and stop the platform (and with it the enclave)."""

@@ -7,8 +7,11 @@ but declared results, public keys, reports, sealed blobs and short error reasons
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import io
 import json
+import math
 import secrets
 import select
 import signal
@@ -334,21 +337,56 @@ class Enclave:
                 "lease expired: the device could not renew its keys in time; it serves again "
                 "once it attests"
             )
-        module_name, _, func_name = msg["entrypoint"].partition(":")
-        top = module_name.partition(".")[0]
-        if not func_name or not any(f.provides(top) for f in self._finders.values()):
-            raise Refusal(f"entry point {msg['entrypoint']!r} is not in any loaded code artifact")
-        timeout = min(max(msg["timeout"], 0.001), MAX_TIMEOUT)
+        func = self._entry_point(msg["entrypoint"])
+        timeout = msg["timeout"]
+        if not math.isfinite(timeout):
+            raise Refusal("timeout must be a finite number of seconds")
+        result = self._run_timed(func, msg.get("input"), min(max(timeout, 0.001), MAX_TIMEOUT))
+        try:
+            encoded = json.dumps(result, allow_nan=False)
+        except (TypeError, ValueError):
+            raise Refusal("protected code returned a value that is not JSON-serialisable") from None
+        if len(encoded) > MAX_RESULT:
+            raise Refusal(f"result of {len(encoded)} bytes exceeds the {MAX_RESULT}-byte cap")
+        return {"op": "result", "json": encoded}
 
+    def _entry_point(self, entrypoint: str) -> Callable[[Any], Any]:
+        """A public function defined by a loaded code artifact, nothing else: not a private or
+        dunder name (`__getattribute__` would read any global), not a class or builtin."""
+        module_name, _, func_name = entrypoint.partition(":")
+        top = module_name.partition(".")[0]
+        refused = Refusal(f"entry point {entrypoint!r} is not in any loaded code artifact")
+        if (
+            not func_name.isidentifier()
+            or func_name.startswith("_")
+            or any(part.startswith("_") and part != "__init__" for part in module_name.split("."))
+            or not any(f.provides(top) for f in self._finders.values())
+        ):
+            raise refused
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            raise refused from None
+        except Exception as e:
+            raise Refusal(f"protected code raised {type(e).__name__} on import") from None
+        func = module.__dict__.get(func_name)
+        if not inspect.isfunction(func) or func.__module__.partition(".")[0] != top:
+            raise refused
+        return func
+
+    @staticmethod
+    def _run_timed(func: Callable[[Any], Any], value: Any, timeout: float) -> Any:
         def on_alarm(_signum: int, _frame: Any) -> None:
             raise InvokeTimeout
 
         previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, timeout)
         try:
-            module = __import__(module_name, fromlist=[func_name])
-            func: Callable[[Any], Any] = getattr(module, func_name)
-            result = func(msg.get("input"))
+            try:
+                signal.setitimer(signal.ITIMER_REAL, timeout)
+                return func(value)
+            finally:
+                # the timer may fire in here, after func returned: the outer handler catches it
+                signal.setitimer(signal.ITIMER_REAL, 0)
         except InvokeTimeout:
             raise Refusal(f"protected code timed out after {timeout:g} s") from None
         except SyntaxError:
@@ -357,15 +395,7 @@ class Enclave:
             text = str(e)[:ERROR_MESSAGE_MAX]
             raise Refusal(f"protected code raised {type(e).__name__}: {text}") from None
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-        try:
-            encoded = json.dumps(result)
-        except (TypeError, ValueError):
-            raise Refusal("protected code returned a value that is not JSON-serialisable") from None
-        if len(encoded) > MAX_RESULT:
-            raise Refusal(f"result of {len(encoded)} bytes exceeds the {MAX_RESULT}-byte cap")
-        return {"op": "result", "json": encoded}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
