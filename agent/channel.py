@@ -10,6 +10,7 @@ only the standard library and cbor2.
 from __future__ import annotations
 
 import io
+import os
 import socket
 import struct
 from collections.abc import Mapping
@@ -164,6 +165,31 @@ class Channel:
                 remaining -= len(self._recv_exact(min(remaining, PIECE_SIZE)))
             raise ChannelError(f"frame of {length} bytes exceeds the {self._max}-byte cap")
         return decode(self._recv_exact(length))
+
+    def send_fd(self, msg: Message, fd: int) -> None:
+        """Send a message followed by an open descriptor (SCM_RIGHTS), e.g. a file to read."""
+        self.send(msg)
+        try:
+            socket.send_fds(self._sock, [b"\x00"], [fd])
+        except OSError as e:
+            raise ChannelClosed(f"channel closed while sending: {e.strerror}") from e
+
+    def recv_fd(self, timeout: float | None = None) -> int:
+        """Receive exactly one descriptor sent with `send_fd`."""
+        try:
+            self._sock.settimeout(timeout)
+            data, fds, _flags, _addr = socket.recv_fds(self._sock, 1, 4)
+        except TimeoutError as e:
+            self.close()
+            raise ChannelClosed("no descriptor on the channel in time; channel closed") from e
+        except OSError as e:
+            raise ChannelClosed(f"channel failed: {e.strerror}") from e
+        if data != b"\x00" or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            self.close()
+            raise ChannelClosed("expected exactly one descriptor; channel closed")
+        return fds[0]
 
     def request(self, msg: Message, timeout: float | None = None) -> Message:
         self.send(msg)

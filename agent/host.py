@@ -212,10 +212,8 @@ class EnclaveHost:
         self._request(msg, timeout, "send_body", {})  # or an error with the reason
         assert self._enclave is not None  # noqa: S101 - _request checked it
         try:
-            with path.open("rb") as f:
-                f.seek(header_end)
-                while piece := f.read(PIECE_SIZE):
-                    self._enclave.send({"op": "piece", "data": piece})
+            with path.open("rb") as f:  # the enclave reads the ciphertext from it directly
+                self._enclave.send_fd({"op": "body_fd", "offset": header_end}, f.fileno())
             reply = self._reply(
                 timeout, "loaded", {"name": str, "version": int, "sha256": str}, {"sealed": bytes}
             )

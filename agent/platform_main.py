@@ -6,7 +6,14 @@ verifies and measures it, launches the enclave from the measured bytes, and serv
 requests until the host says `shutdown` or goes away; then it stops the enclave.
 """
 
+# ruff: noqa: E402 - one statement must run before the imports (see below)
 from __future__ import annotations
+
+import sys
+
+# The platform never renders logs to a terminal. structlog loads `rich` (which fleet-side extras
+# install) when it can, and that alone doubles this process's start-up: keep it out.
+sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
 import os
 import subprocess

@@ -35,7 +35,6 @@ from agent.report import (
 )
 from strongroom import bundle, canonical
 from strongroom.errors import StrongroomError
-from strongroom.evidence import ArtifactClaim, EnclaveClaims, Evidence, sign_evidence, ueid_for
 from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
 from strongroom.image import VerifiedImage, load_image
 from strongroom.signing import SigningKey
@@ -90,7 +89,10 @@ class Counters:
         """Raise the counter to `value` if higher; counters never go back."""
         with self._lock:
             values = self._load()
-            values[name] = max(values.get(name, 0), min(value, MAX_COUNTER))
+            current = values.get(name, 0)
+            if min(value, MAX_COUNTER) <= current:
+                return current  # nothing to move: no write
+            values[name] = min(value, MAX_COUNTER)
             mac = hmac.new(self._key, canonical.dumps(values), "sha256").hexdigest()
             write_atomic(self._path, canonical.dumps({"values": values, "mac": mac}), SECRET_FILE)
             return values[name]
@@ -167,6 +169,15 @@ class SimulatedPlatform:
 
     def _quote(self, identity: EnclaveIdentity, msg: Message) -> Message:
         """The quoting function: a verified report of this enclave becomes signed evidence."""
+        # imported on first use: the COSE stack is a fifth of the platform's start-up time
+        from strongroom.evidence import (  # noqa: PLC0415
+            ArtifactClaim,
+            EnclaveClaims,
+            Evidence,
+            sign_evidence,
+            ueid_for,
+        )
+
         check(
             msg,
             {"body": bytes, "mac": bytes, "nonce": bytes, "enclave_key": bytes, "artifacts": list},

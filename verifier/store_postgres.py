@@ -67,10 +67,10 @@ class PostgresStore:
                 hint="check the database URL and that the server accepts connections",
             ) from e
         with self._db.transaction():
+            # verifiers starting together: serialise the creation of schema and tables
+            self._db.execute("SELECT pg_advisory_xact_lock(7400710)")
             self._db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
             self._db.execute(f"SET search_path TO {schema}")
-            # concurrent first starts: serialise schema creation
-            self._db.execute("SELECT pg_advisory_xact_lock(7400710)")
             self._db.execute(_SCHEMA)
 
     def sync_devices(self, records: Iterable[DeviceRecord]) -> None:

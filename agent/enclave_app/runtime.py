@@ -12,9 +12,11 @@ import inspect
 import io
 import json
 import math
+import os
 import secrets
 import select
 import signal
+import stat
 import sys
 import time
 import types
@@ -90,8 +92,12 @@ class PlatformClient:
 class _HostBody(io.RawIOBase):
     """The artifact body as the host streams it, in pieces, up to an announced size."""
 
-    def __init__(self, host: Channel, size: int) -> None:
+    def __init__(self, host: Channel, size: int, first: Message) -> None:
         self._host, self._left, self._buf = host, size, b""
+        self._buf = check(first, {"data": bytes})["data"]
+        if len(self._buf) > size:
+            raise ChannelError("host sent more artifact bytes than it announced")
+        self._left -= len(self._buf)
 
     def readable(self) -> bool:
         return True
@@ -241,18 +247,18 @@ class Enclave:
             )
         data_key, fresh, deadline = self._data_key(manifest, msg)
         self._host.send({"op": "send_body"})
-        body = _HostBody(self._host, msg["body_size"])
         plaintext = bytearray(manifest.size)
         try:
-            pos = 0
-            for chunk in artifact.open_stream(io.BufferedReader(body, 1 << 20), signed, data_key):
-                plaintext[pos : pos + len(chunk)] = chunk
-                pos += len(chunk)
-        except (StrongroomError, ChannelError) as e:
+            with self._receive_body(msg["body_size"]) as body:
+                pos = 0
+                for chunk in artifact.open_stream(body, signed, data_key):
+                    plaintext[pos : pos + len(chunk)] = chunk
+                    pos += len(chunk)
+        except (StrongroomError, ChannelError, OSError) as e:
             plaintext[:] = bytes(len(plaintext))
             data_key[:] = bytes(len(data_key))
-            body.drain()
-            raise Refusal(f"artifact {manifest.name} refused: {e}") from e
+            reason = getattr(e, "strerror", None) or str(e)
+            raise Refusal(f"artifact {manifest.name} refused: {reason}") from e
         self._install(manifest, plaintext)
         self._deadlines[manifest.name] = deadline
         if fresh:
@@ -282,6 +288,25 @@ class Enclave:
             reply["sealed"] = sealing.seal(self._platform.seal_key, header, data_key)
         data_key[:] = bytes(len(data_key))
         return reply
+
+    def _receive_body(self, size: int) -> io.BufferedIOBase:
+        """The ciphertext body: the host passes an open descriptor of the artifact file (the
+        enclave reads ciphertext straight from it, as fast as AES runs) or streams pieces."""
+        first = self._host.recv(timeout=60)
+        if first["op"] == "body_fd":
+            offset = check(first, {"offset": int})["offset"]
+            fd = self._host.recv_fd(timeout=10)
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size - offset != size or offset < 0:
+                os.close(fd)
+                raise ChannelError("the artifact descriptor is not the announced regular file")
+            f = io.BufferedReader(io.FileIO(fd, "rb", closefd=True), 1 << 20)
+            f.seek(offset)
+            return f
+        if first["op"] != "piece":
+            raise ChannelError(f"expected the artifact body, got {first['op'][:40]!r}")
+        body = _HostBody(self._host, size, first)
+        return io.BufferedReader(body, 1 << 20)
 
     def _install(self, manifest: artifact.ArtifactManifest, plaintext: bytearray) -> None:
         self._drop(manifest.name)
