@@ -30,7 +30,10 @@ demo: venv
 	@scripts/walkthrough.sh "$(VENV)"
 
 bench: venv
+	@scripts/ensure-mosquitto.sh
 	$(PY) bench/artifact_throughput.py
+	$(PY) bench/enclave_cold_start.py
+	$(PY) bench/verifier_throughput.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

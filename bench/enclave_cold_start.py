@@ -13,7 +13,8 @@ swapped for a subclass that notes the time of every message; nothing else change
   platform    interpreter start, receive and measure the image, spawn the enclave (`launched`)
   enclave     interpreter start, loader, local attestation (`ready`)
   unseal      `load` sent -> `send_body`: header signature, counters, sealed key opened
-  decrypt     `send_body` -> `loaded`: body streamed over the socket, decrypted, installed
+  decrypt     `send_body` -> `loaded`: ciphertext read from the file descriptor the host
+              passed, decrypted, installed
 Local attestation alone is timed in-process with the same runtime code, as a sub-line.
 
 Targets (from the issue): under 300 ms from launch to first answer, not counting the ML runtime's

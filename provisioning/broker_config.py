@@ -29,7 +29,7 @@ class BrokerSettings:
     user: str
     max_packet_size: int = MAX_PACKET_SIZE
     autosave_interval_s: int = 60
-    max_queued_messages: int = 1000
+    max_queued_messages: int = 100_000  # a verifier may come back to a large backlog
 
 
 def mosquitto_conf(s: BrokerSettings) -> str:

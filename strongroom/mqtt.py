@@ -70,6 +70,7 @@ class Inbound:
     topic: str
     payload: bytes
     retain: bool
+    received: float = 0.0  # time.monotonic() when the network thread took it
 
 
 def mqtt_protocol(version: str) -> Literal[5, 311]:
@@ -156,7 +157,9 @@ class MqttClient:
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         try:
-            self.inbox.put_nowait(Inbound(msg.topic, bytes(msg.payload), bool(msg.retain)))
+            self.inbox.put_nowait(
+                Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
+            )
         except queue.Full:
             self.dropped += 1
 
