@@ -52,6 +52,8 @@ acl_file {s.acl}
 max_packet_size {s.max_packet_size}
 max_queued_messages {s.max_queued_messages}
 max_inflight_messages 100
+# small messages: without this, Nagle's algorithm and delayed ACKs add ~40 ms per hop
+set_tcp_nodelay true
 persistent_client_expiration 7d
 
 persistence true

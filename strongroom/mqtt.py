@@ -274,15 +274,17 @@ class MqttClient:
         qos: int = 1,
         retain: bool = False,
         timeout: float = 10.0,
+        wait: bool = True,
     ) -> None:
-        """Publish and, for QoS 1, wait for the broker's acknowledgement."""
+        """Publish and, for QoS 1, wait for the broker's acknowledgement (unless `wait` is
+        False: paho then keeps the message in flight and resends it until acknowledged)."""
         if not self.connected.is_set():
             raise MqttError(f"not connected; cannot publish to {topic}")
         with self._lock:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
-        if qos == 0:
+        if qos == 0 or not wait:
             return
         try:
             info.wait_for_publish(timeout)

@@ -239,7 +239,7 @@ class Verifier:
         ):  # late evidence does not replace a newer result
             self.store.save_result(device_id, result.status, token_out, self.clock())
             topic = topics.device_topic(device_id, topics.RESULT)
-            self.mqtt.publish(topic, token_out, retain=True)
+            self.mqtt.publish(topic, token_out, retain=True, wait=False)  # paho keeps it in flight
         self._count(f"appraised_{result.status}")
         log.info(
             "appraised",
