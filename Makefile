@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo bench clean
+.PHONY: venv test lint unit demo walkthrough bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,10 @@ test: venv
 	$(PY) -m pytest
 
 demo: venv
+	@scripts/ensure-mosquitto.sh || echo "(the demo falls back to its embedded broker)"
+	$(VENV)/bin/strongroom demo
+
+walkthrough: venv
 	@scripts/walkthrough.sh "$(VENV)"
 
 bench: venv

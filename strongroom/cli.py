@@ -55,10 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         )
         for name, text in ROLE_GROUPS
     }
+    p = roles.add_parser("demo", help="a small fleet end to end, in under a minute")
+    p.add_argument("--clean", action="store_true", help="delete the demo's files afterwards")
+    p.set_defaults(handler=_demo)
     provisioning_cli.register(groups)
     agent_cli.register(groups)
     verifier_cli.register(groups)
     return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from device_sim.demo import run_demo  # noqa: PLC0415 - fleet-side imports, only for the demo
+
+    return run_demo(keep=not args.clean)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
