@@ -13,7 +13,7 @@ from typing import Literal
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.report import EnclaveIdentity
+from strongroom.image import EnclaveIdentity
 
 SealPolicy = Literal["signer", "measurement"]
 KEY_SIZE = 32

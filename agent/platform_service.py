@@ -25,7 +25,6 @@ from agent import platform_keys
 from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
 from agent.errors import LaunchError, PlatformFault
 from agent.report import (
-    EnclaveIdentity,
     PlatformClaims,
     Report,
     ReportError,
@@ -36,7 +35,7 @@ from agent.report import (
 from strongroom import bundle, canonical
 from strongroom.errors import StrongroomError
 from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
-from strongroom.image import VerifiedImage, load_image
+from strongroom.image import EnclaveIdentity, VerifiedImage, load_image
 from strongroom.signing import SigningKey
 
 log = structlog.get_logger()
@@ -172,7 +171,6 @@ class SimulatedPlatform:
         # imported on first use: the COSE stack is a fifth of the platform's start-up time
         from strongroom.evidence import (  # noqa: PLC0415
             ArtifactClaim,
-            EnclaveClaims,
             Evidence,
             sign_evidence,
             ueid_for,
@@ -212,13 +210,7 @@ class SimulatedPlatform:
             firmware=claims.firmware,
             secure_boot=claims.secure_boot,
             smt=claims.smt,
-            enclave=EnclaveClaims(
-                identity.mrenclave,
-                identity.mrsigner,
-                identity.product_id,
-                identity.svn,
-                identity.debug,
-            ),
+            enclave=identity,
             artifacts=artifacts,
             local_attestation="passed",
             enclave_key=msg["enclave_key"],
@@ -273,5 +265,4 @@ def spawn_enclave(
 
 
 def identity_of(image: VerifiedImage) -> EnclaveIdentity:
-    s = image.sigstruct
-    return EnclaveIdentity(s.mrenclave, s.mrsigner, s.product_id, s.svn, s.debug)
+    return image.sigstruct.identity

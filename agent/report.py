@@ -15,6 +15,8 @@ from typing import Any
 
 import cbor2
 
+from strongroom.image import EnclaveIdentity
+
 REPORT_DATA_SIZE = 64
 MAC_SIZE = 32
 KEY_BINDING_DOMAIN = b"strongroom/enclave-key-binding/v1\x00"
@@ -22,15 +24,6 @@ KEY_BINDING_DOMAIN = b"strongroom/enclave-key-binding/v1\x00"
 
 class ReportError(Exception):
     """A report is malformed or its MAC does not verify."""
-
-
-@dataclass(frozen=True)
-class EnclaveIdentity:
-    mrenclave: str
-    mrsigner: str
-    product_id: int
-    svn: int
-    debug: bool
 
 
 @dataclass(frozen=True)

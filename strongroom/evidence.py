@@ -21,6 +21,7 @@ import cwt
 from cwt import COSEKey
 
 from strongroom.errors import FormatError, SignatureError
+from strongroom.image import EnclaveIdentity
 from strongroom.signing import SigningKey, VerifyKey
 
 EAT_NONCE, UEID, IAT, EXP, NBF, SUB, DBGSTAT, SWNAME = 10, 256, 6, 4, 5, 2, 263, 270
@@ -41,15 +42,6 @@ UEID_TYPE_RAND = 0x01
 
 
 @dataclass(frozen=True)
-class EnclaveClaims:
-    mrenclave: str
-    mrsigner: str
-    product_id: int
-    svn: int
-    debug: bool
-
-
-@dataclass(frozen=True)
 class ArtifactClaim:
     name: str
     version: int
@@ -67,7 +59,7 @@ class Evidence:
     firmware: str
     secure_boot: bool
     smt: bool | None
-    enclave: EnclaveClaims
+    enclave: EnclaveIdentity
     artifacts: tuple[ArtifactClaim, ...]
     local_attestation: str
     enclave_key: bytes
@@ -159,7 +151,7 @@ def verify_evidence(token: bytes, key: VerifyKey) -> Evidence:
             firmware=str(claims[SR_FIRMWARE]),
             secure_boot=bool(claims[SR_SECURE_BOOT]),
             smt=None if claims[SR_SMT] is None else bool(claims[SR_SMT]),
-            enclave=EnclaveClaims(
+            enclave=EnclaveIdentity(
                 bytes(enclave["mrenclave"]).hex(),
                 bytes(enclave["mrsigner"]).hex(),
                 int(enclave["product_id"]),

@@ -38,6 +38,18 @@ _WHAT = "enclave sigstruct"
 
 
 @dataclass(frozen=True)
+class EnclaveIdentity:
+    """Who an enclave is: what local reports bind and evidence claims (SGX: MRENCLAVE, MRSIGNER,
+    ISVPRODID, ISVSVN and the debug attribute)."""
+
+    mrenclave: str
+    mrsigner: str
+    product_id: int
+    svn: int
+    debug: bool
+
+
+@dataclass(frozen=True)
 class Sigstruct:
     """The signed identity of an enclave build."""
 
@@ -50,6 +62,10 @@ class Sigstruct:
     @property
     def mrsigner(self) -> str:
         return self.signer_key.fingerprint
+
+    @property
+    def identity(self) -> EnclaveIdentity:
+        return EnclaveIdentity(self.mrenclave, self.mrsigner, self.product_id, self.svn, self.debug)
 
     def to_json_dict(self) -> dict[str, Any]:
         return {

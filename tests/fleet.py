@@ -159,6 +159,15 @@ class Observer:
         result: AttestationResult = wait_until(found, timeout, f"{status} result for {device_id}")
         return result
 
+    def states(self, device_id: str) -> list[str]:
+        """The device's status states seen so far (online, offline, revoked), oldest first."""
+        topic = topics.device_topic(device_id, topics.STATUS)
+        return [
+            messages.Status.decode(m.payload).state
+            for m in self.drain()
+            if m.topic == topic and m.payload
+        ]
+
     def alerts(self) -> list[messages.Alert]:
         out = []
         for m in self.drain():

@@ -15,7 +15,7 @@ from agent.enclave_source import write_enclave_source
 from agent.host import EnclaveHost, HostConfig
 from provisioning.build import build_enclave
 from provisioning.seal import seal_artifact
-from strongroom import messages, topics
+from strongroom import topics
 from strongroom.ear import AttestationResult, sign_result, verify_result
 from strongroom.errors import SignatureError
 from strongroom.mqtt import MqttClient, MqttError, MqttSettings
@@ -299,22 +299,13 @@ def test_malformed_messages_are_rejected_with_alerts_and_the_verifier_carries_on
     assert fleet.verifier.p.poll() is None
 
 
-def _status(fleet: Fleet, device_id: str) -> list[str]:
-    topic = topics.device_topic(device_id, topics.STATUS)
-    return [
-        messages.Status.decode(m.payload).state
-        for m in fleet.observer.drain()
-        if m.topic == topic and m.payload
-    ]
-
-
 def test_the_last_will_marks_a_vanished_agent_offline(fleet: Fleet) -> None:
     fleet.start()
     fleet.enroll("cam-w")
     agent = fleet.agent("cam-w")
-    wait_until(lambda: "online" in _status(fleet, "cam-w"), 20, "online status")
+    wait_until(lambda: "online" in fleet.observer.states("cam-w"), 20, "online status")
     agent.p.kill()  # no goodbye: the broker publishes the will when the connection drops
-    wait_until(lambda: _status(fleet, "cam-w")[-1:] == ["offline"], 60, "offline status")
+    wait_until(lambda: fleet.observer.states("cam-w")[-1:] == ["offline"], 60, "offline status")
 
 
 def test_a_clean_stop_says_offline_and_wipes_the_enclave(fleet: Fleet) -> None:
@@ -323,7 +314,7 @@ def test_a_clean_stop_says_offline_and_wipes_the_enclave(fleet: Fleet) -> None:
     agent = fleet.agent("cam-s")
     fleet.observer.wait_result("cam-s", "affirming")
     assert agent.stop() == 0
-    wait_until(lambda: _status(fleet, "cam-s")[-1:] == ["offline"], 10, "offline status")
+    wait_until(lambda: fleet.observer.states("cam-s")[-1:] == ["offline"], 10, "offline status")
     assert "agent_stopped" in agent.log()
 
 

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 from provisioning.home import VERIFIER_CN
-from strongroom import messages, topics
+from strongroom import topics
 from strongroom.commands import Command, sign_command
 from strongroom.mqtt import MqttClient, MqttSettings
 from strongroom.signing import SigningKey
@@ -21,15 +21,6 @@ def _invoke_ok(fleet: Fleet, device_id: str) -> bool:
     return fleet.invoke(device_id, "vendor:echo", "1").returncode == 0
 
 
-def _states(fleet: Fleet, device_id: str) -> list[str]:
-    topic = topics.device_topic(device_id, topics.STATUS)
-    return [
-        messages.Status.decode(m.payload).state
-        for m in fleet.observer.drain()
-        if m.topic == topic and m.payload
-    ]
-
-
 def test_revoke_wipes_the_enclave_and_reinstate_needs_fresh_attestation(fleet: Fleet) -> None:
     fleet.start()
     bundle = fleet.enroll("cam-1")
@@ -41,7 +32,7 @@ def test_revoke_wipes_the_enclave_and_reinstate_needs_fresh_attestation(fleet: F
 
     home = str(fleet.home.root)
     assert _run("device", "revoke", "cam-1", "--home", home, "--reason", "stolen").returncode == 0
-    wait_until(lambda: "revoked" in _states(fleet, "cam-1"), 20, "the wipe's confirmation")
+    wait_until(lambda: "revoked" in fleet.observer.states("cam-1"), 20, "the wipe's confirmation")
     refused = fleet.invoke("cam-1", "vendor:echo", "1")
     assert refused.returncode != 0 and "revoked" in refused.stderr
     assert list(sealed.glob("*.blob")) == []  # nothing to restart from
@@ -69,7 +60,7 @@ def test_a_contraindicated_device_is_revoked_automatically(fleet: Fleet) -> None
     fleet.enroll("old", firmware="1.5.0")
     fleet.agent("old")
     fleet.observer.wait_result("old", "contraindicated")
-    wait_until(lambda: "revoked" in _states(fleet, "old"), 20, "the enclave's confirmation")
+    wait_until(lambda: "revoked" in fleet.observer.states("old"), 20, "the enclave's confirmation")
     alerts = fleet.observer.alerts()
     assert any(a.severity == "critical" and a.reason.startswith("revoked:") for a in alerts)
     record = json.loads((fleet.home.registry_dir / "old.json").read_text())
@@ -105,4 +96,4 @@ def test_a_forged_command_is_ignored_and_reported(fleet: Fleet) -> None:
     )
     fleet.observer.wait_result("cam-f", "affirming")
     wait_until(lambda: _invoke_ok(fleet, "cam-f"), 20, "service despite the forged command")
-    assert "revoked" not in _states(fleet, "cam-f")
+    assert "revoked" not in fleet.observer.states("cam-f")
