@@ -467,7 +467,7 @@ def _print_references(runs: list[dict[str, Any]], refs: dict[str, Any]) -> None:
     )
     print(
         _ref(
-            "  channel transfer alone, 1 MiB pieces, two processes",
+            "  channel, 1 MiB pieces (reference; bodies now go by fd)",
             f"{sizes[MODEL] / (transfer_ms / 1000) / 1e9:8.2f} GB/s  ({transfer_ms:.1f} ms)",
         )
     )
