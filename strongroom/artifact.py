@@ -26,7 +26,7 @@ import io
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Literal, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -184,7 +184,7 @@ def read_manifest(stream: io.BufferedIOBase) -> SignedManifest:
     return SignedManifest(manifest, header, signature)
 
 
-def _read_exact_into(stream: io.BufferedIOBase, view: memoryview) -> int:
+def _read_exact_into(stream: Readable, view: memoryview) -> int:
     got = 0
     while got < len(view):
         n = stream.readinto(view[got:])
@@ -282,29 +282,43 @@ def seal_stream(
     return signed
 
 
+class Readable(Protocol):
+    def read(self, size: int = -1, /) -> bytes: ...
+
+    def readinto(self, buffer: Any, /) -> int | None: ...
+
+
 def open_stream(
-    stream: io.BufferedIOBase, signed: SignedManifest, data_key: bytes | bytearray
+    stream: Readable,
+    signed: SignedManifest,
+    data_key: bytes | bytearray,
+    into: bytearray | None = None,
 ) -> Iterator[memoryview]:
     """Decrypt the body that follows the manifest in `stream`, one chunk at a time.
 
     `signed` must already be verified. Each yielded view is authenticated but is only valid until
     the next iteration, and the artifact as a whole is authentic only once the iterator ends
     without an error (a truncated stream raises at the end). The plaintext buffer is wiped when
-    the iterator finishes or is closed.
+    the iterator finishes or is closed. With `into` (a buffer of the plaintext's size), chunks
+    are decrypted straight into it instead, and the views yielded are slices of it.
     """
     manifest = signed.manifest
     if len(data_key) != DATA_KEY_SIZE or not hmac.compare_digest(
         key_check(data_key, manifest.key_id), manifest.key_check
     ):
         raise WrongKeyError(f"the key does not open artifact {manifest.name} v{manifest.version}")
+    if into is not None and len(into) != manifest.size:
+        raise InputError("the plaintext buffer must have the artifact's size")
     aead = AESGCM(bytes(data_key))
     aad = signed.associated_data
     ct = bytearray(manifest.chunk_size + TAG_SIZE)
-    pt = bytearray(manifest.chunk_size)
-    ct_view, pt_view = memoryview(ct), memoryview(pt)
+    pt = bytearray(0 if into is not None else manifest.chunk_size)
+    ct_view = memoryview(ct)
     try:
         for index in range(manifest.chunk_count):
             want = _chunk_len(manifest, index)
+            start = index * manifest.chunk_size
+            pt_view = memoryview(into)[start:] if into is not None else memoryview(pt)
             if _read_exact_into(stream, ct_view[: want + TAG_SIZE]) != want + TAG_SIZE:
                 raise TruncatedError(f"artifact ends inside chunk {index}")
             final = index == manifest.chunk_count - 1

@@ -250,10 +250,8 @@ class Enclave:
         plaintext = bytearray(manifest.size)
         try:
             with self._receive_body(msg["body_size"]) as body:
-                pos = 0
-                for chunk in artifact.open_stream(body, signed, data_key):
-                    plaintext[pos : pos + len(chunk)] = chunk
-                    pos += len(chunk)
+                for _chunk in artifact.open_stream(body, signed, data_key, into=plaintext):
+                    pass  # decrypted in place, straight into enclave memory
         except (StrongroomError, ChannelError, OSError) as e:
             plaintext[:] = bytes(len(plaintext))
             data_key[:] = bytes(len(data_key))
@@ -289,7 +287,7 @@ class Enclave:
         data_key[:] = bytes(len(data_key))
         return reply
 
-    def _receive_body(self, size: int) -> io.BufferedIOBase:
+    def _receive_body(self, size: int) -> io.RawIOBase | io.BufferedIOBase:
         """The ciphertext body: the host passes an open descriptor of the artifact file (the
         enclave reads ciphertext straight from it, as fast as AES runs) or streams pieces."""
         first = self._host.recv(timeout=60)
@@ -300,7 +298,7 @@ class Enclave:
             if not stat.S_ISREG(info.st_mode) or info.st_size - offset != size or offset < 0:
                 os.close(fd)
                 raise ChannelError("the artifact descriptor is not the announced regular file")
-            f = io.BufferedReader(io.FileIO(fd, "rb", closefd=True), 1 << 20)
+            f = io.FileIO(fd, "rb", closefd=True)  # unbuffered: read straight into the chunk
             f.seek(offset)
             return f
         if first["op"] != "piece":
