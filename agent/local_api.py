@@ -38,7 +38,7 @@ class _Handler(socketserver.StreamRequestHandler):
                 raise InputError("request needs an 'entrypoint' string")
             result = self.server.invoke(request["entrypoint"], request.get("input"))
             reply: dict[str, Any] = {"ok": True, "result": result}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSON errors, bad UTF-8, absurd nesting
             reply = {"ok": False, "error": "request is not valid JSON"}
         except StrongroomError as e:
             reply = {"ok": False, "error": str(e)}
@@ -47,6 +47,7 @@ class _Handler(socketserver.StreamRequestHandler):
 
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    request_queue_size = 64  # bursts of local callers wait instead of being turned away
 
     def __init__(self, path: Path, invoke: Invoke) -> None:
         self.invoke = invoke
@@ -81,6 +82,9 @@ class LocalApi:
 
 def call(path: Path, entrypoint: str, value: Any, timeout: float = 60.0) -> Any:
     """Client side: ask the agent at `path` to invoke protected code; return the result."""
+    request = json.dumps({"entrypoint": entrypoint, "input": value}).encode() + b"\n"
+    if len(request) > MAX_REQUEST:
+        raise InputError("the request is larger than 1 MiB", hint="send a smaller input")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -90,9 +94,12 @@ def call(path: Path, entrypoint: str, value: Any, timeout: float = 60.0) -> Any:
                 f"cannot reach the agent at {path}: {e.strerror}",
                 hint="is `strongroom agent run` running with this bundle?",
             ) from e
-        sock.sendall(json.dumps({"entrypoint": entrypoint, "input": value}).encode() + b"\n")
-        with sock.makefile("rb") as f:
-            line = f.readline(MAX_REQUEST + 1)
+        try:
+            sock.sendall(request)
+            with sock.makefile("rb") as f:
+                line = f.readline(MAX_REQUEST + 1)
+        except OSError as e:
+            raise InvokeError(f"the agent dropped the request: {e.strerror or e}") from e
     try:
         reply = json.loads(line)
     except json.JSONDecodeError as e:

@@ -24,7 +24,7 @@ from strongroom import __version__
 from strongroom.errors import FormatError, SignatureError
 from strongroom.signing import SigningKey, VerifyKey
 
-EAT_PROFILE, IAT, EXP, SUBMODS = 265, 6, 4, 266
+EAT_PROFILE, IAT, EXP, NBF, SUBMODS = 265, 6, 4, 5, 266
 EAR_STATUS, EAR_VECTOR, EAR_POLICY_ID, EAR_VERIFIER_ID = 1000, 1001, 1003, 1004
 SR_REASONS, SR_DETAILS = -70100, -70101
 EAR_PROFILE = "tag:github.com,2023:veraison/ear"
@@ -46,9 +46,9 @@ VECTOR_KEYS = (
 
 def tier_of(value: int) -> str:
     """The status tier a trustworthiness claim value falls in (AR4SI)."""
-    if value >= 96 or value <= -96:
+    if value >= 96 or value <= -97:
         return "contraindicated"
-    if value >= 32 or value <= -32:
+    if value >= 32 or value <= -33:
         return "warning"
     if value >= 2 or value <= -2:
         return "affirming"
@@ -73,6 +73,7 @@ def _claims(r: AttestationResult) -> dict[int, Any]:
         EAT_PROFILE: EAR_PROFILE,
         IAT: r.iat,
         EXP: r.iat + RESULT_VALIDITY_S,
+        NBF: r.iat,
         EAR_VERIFIER_ID: {"developer": developer, "build": build},
         SUBMODS: {
             r.device_id: {
@@ -107,6 +108,8 @@ def verify_result(token: bytes, key: VerifyKey) -> AttestationResult:
     try:
         claims: Any = cwt.decode(token, _verify_cose_key(key.raw))
     except cwt.VerifyError as e:
+        if "expired" in str(e) or "not yet valid" in str(e):
+            raise FormatError(f"attestation result is outside its validity period: {e}") from e
         raise SignatureError("attestation result is not signed by the fleet verifier") from e
     except (cwt.DecodeError, ValueError) as e:
         raise FormatError(f"attestation result is malformed: {e}") from e

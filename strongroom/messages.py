@@ -6,6 +6,7 @@ travels as the raw EAT bytes; results as the raw EAR bytes.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,19 @@ def _load(payload: bytes, what: str) -> dict[str, Any]:
     return doc
 
 
+def _number(value: Any, what: str) -> float:
+    """A finite number (int or float, not bool)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise FormatError(f"{what} must be a number")
+    try:
+        number = float(value)
+    except OverflowError as e:
+        raise FormatError(f"{what} is out of range") from e
+    if not math.isfinite(number):
+        raise FormatError(f"{what} must be finite")
+    return number
+
+
 def _field(doc: dict[str, Any], key: str, kind: type, what: str) -> Any:
     value = doc.get(key)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -51,10 +65,7 @@ class Challenge:
         nonce = _field(doc, "nonce", bytes, "challenge")
         if not 16 <= len(nonce) <= 64:
             raise FormatError("challenge: a nonce has 16 to 64 bytes")
-        expires = doc.get("expires")
-        if not isinstance(expires, int | float) or isinstance(expires, bool):
-            raise FormatError("challenge: field 'expires' must be a number")
-        return cls(nonce, float(expires))
+        return cls(nonce, _number(doc.get("expires"), "challenge: field 'expires'"))
 
 
 @dataclass(frozen=True)
@@ -103,17 +114,26 @@ class KeyResponse:
     @classmethod
     def decode(cls, payload: bytes) -> KeyResponse:
         doc = _load(payload, "key response")
-        try:
-            keys = tuple(
-                ReleasedKey(str(i), bytes(w), bytes(a), float(u), float(r))
-                for i, w, a, u, r in _field(doc, "keys", list, "key response")
+        what = "key response"
+        keys, refused = [], []
+        for item in _field(doc, "keys", list, what):
+            if not isinstance(item, list) or len(item) != 5:
+                raise FormatError(f"{what}: a key is [key_id, wrapped, aad, until, renew_at]")
+            key_id, wrapped, aad, until, renew_at = item
+            if not (
+                isinstance(key_id, str) and isinstance(wrapped, bytes) and isinstance(aad, bytes)
+            ):
+                raise FormatError(f"{what}: malformed key entry")
+            keys.append(
+                ReleasedKey(key_id, wrapped, aad, _number(until, what), _number(renew_at, what))
             )
-            refused = tuple(
-                (str(i), str(r)) for i, r in _field(doc, "refused", list, "key response")
-            )
-        except (TypeError, ValueError) as e:
-            raise FormatError("key response: malformed key list") from e
-        return cls(_field(doc, "nonce", bytes, "key response"), keys, refused)
+        for item in _field(doc, "refused", list, what):
+            if not (
+                isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+            ):
+                raise FormatError(f"{what}: a refusal is [key_id, reason]")
+            refused.append((item[0], item[1]))
+        return cls(_field(doc, "nonce", bytes, what), tuple(keys), tuple(refused))
 
 
 STATES = ("online", "offline", "revoked")
@@ -138,10 +158,9 @@ class Status:
         if state not in STATES:
             raise FormatError(f"status: state must be one of {', '.join(STATES)}")
         report = doc.get("report", "")
-        at = doc.get("at", 0)
-        if not isinstance(report, str) or not isinstance(at, int | float):
-            raise FormatError("status: report must be text and at a number")
-        return cls(state, float(at), report[:300])
+        if not isinstance(report, str):
+            raise FormatError("status: report must be text")
+        return cls(state, _number(doc.get("at", 0), "status: at"), report[:300])
 
 
 @dataclass(frozen=True)
@@ -168,7 +187,7 @@ class Alert:
             _field(doc, "severity", str, "alert"),
             _field(doc, "device", str, "alert"),
             _field(doc, "reason", str, "alert"),
-            float(doc.get("at", 0) or 0),
+            _number(doc.get("at", 0), "alert: at"),
         )
 
 

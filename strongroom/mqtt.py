@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import queue
+import re
 import select
 import ssl
 import threading
@@ -93,7 +94,7 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     if "://" in rest:
         raise InputError(f"unsupported broker URL {url!r}", hint="use mqtts://HOST:PORT")
     host, _, port = rest.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
         raise InputError(f"invalid broker URL {url!r}", hint="use mqtts://HOST:PORT")
     return host.strip("[]"), int(port)
 

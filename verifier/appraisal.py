@@ -71,8 +71,8 @@ def _enclave(v: _Vector, ev: Evidence, policy: FleetPolicy) -> None:
     e = ev.enclave
     if e.mrsigner not in policy.allowed_signers:
         v.set("executables", CONTRAINDICATED, "enclave signer is not allowed by the policy")
-    references = {(r.mrenclave, r.svn, r.debug) for r in policy.enclave_references}
-    if (e.mrenclave, e.svn, e.debug) not in references:
+    references = {(r.mrenclave, r.svn, r.debug, r.product_id) for r in policy.enclave_references}
+    if (e.mrenclave, e.svn, e.debug, e.product_id) not in references:
         v.set(
             "executables",
             CONTRAINDICATED,
