@@ -89,36 +89,6 @@ class PlatformClient:
         return int(check(reply, {"value": int})["value"])
 
 
-class _HostBody(io.RawIOBase):
-    """The artifact body as the host streams it, in pieces, up to an announced size."""
-
-    def __init__(self, host: Channel, size: int, first: Message) -> None:
-        self._host, self._left, self._buf = host, size, b""
-        self._buf = check(first, {"data": bytes})["data"]
-        if len(self._buf) > size:
-            raise ChannelError("host sent more artifact bytes than it announced")
-        self._left -= len(self._buf)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        view = memoryview(b).cast("B")
-        if not self._buf and self._left > 0:
-            self._buf = check(self._host.recv(timeout=60), {"data": bytes})["data"]
-            if len(self._buf) > self._left:
-                raise ChannelError("host sent more artifact bytes than it announced")
-            self._left -= len(self._buf)
-        n = min(len(view), len(self._buf))
-        view[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
-
-    def drain(self) -> None:
-        while self._left > 0:
-            self._left -= len(check(self._host.recv(timeout=60), {"data": bytes})["data"])
-
-
 def _module_name(artifact_name: str) -> str:
     return artifact_name.replace("-", "_").replace(".", "_")
 
@@ -287,9 +257,9 @@ class Enclave:
         data_key[:] = bytes(len(data_key))
         return reply
 
-    def _receive_body(self, size: int) -> io.RawIOBase | io.BufferedIOBase:
-        """The ciphertext body: the host passes an open descriptor of the artifact file (the
-        enclave reads ciphertext straight from it, as fast as AES runs) or streams pieces."""
+    def _receive_body(self, size: int) -> io.FileIO:
+        """The ciphertext body: the host passes an open descriptor of the artifact file, and the
+        enclave reads the ciphertext straight from it (a regular file of the announced size)."""
         first = self._host.recv(timeout=60)
         if first["op"] == "body_fd":
             offset = check(first, {"offset": int})["offset"]
@@ -301,10 +271,7 @@ class Enclave:
             f = io.FileIO(fd, "rb", closefd=True)  # unbuffered: read straight into the chunk
             f.seek(offset)
             return f
-        if first["op"] != "piece":
-            raise ChannelError(f"expected the artifact body, got {first['op'][:40]!r}")
-        body = _HostBody(self._host, size, first)
-        return io.BufferedReader(body, 1 << 20)
+        raise ChannelError(f"expected the artifact body, got {first['op'][:40]!r}")
 
     def _install(self, manifest: artifact.ArtifactManifest, plaintext: bytearray) -> None:
         self._drop(manifest.name)
