@@ -3,8 +3,8 @@
 Frame: `u32 length (big-endian) | CBOR map`. Every message is a map with a string `op` and fields
 whose names and types are checked against a schema before anything acts on them; frames above the
 size cap, CBOR tags, non-string keys and unexpected fields are rejected. Enclave images travel in
-pieces below the cap; artifact ciphertext as a passed file descriptor (`send_fd`/`recv_fd`). This module runs inside the enclave too: it imports
-only the standard library and cbor2.
+pieces below the cap; artifact ciphertext as a passed file descriptor (`send_fd`/`recv_fd`).
+This module runs inside the enclave too: it imports only the standard library and cbor2.
 """
 
 from __future__ import annotations
