@@ -107,7 +107,8 @@ def test_two_verifiers_on_a_shared_subscription_appraise_each_evidence_once(
     ]
     try:
         for v in verifiers:
-            wait_until(lambda v=v: "verifier_started" in v.log(), 20, "verifier start")
+            # connected means subscribed too: subscriptions are renewed in the connect callback
+            wait_until(lambda v=v: "broker_connected" in v.log(), 20, "verifier connected")
         time.sleep(0.5)  # both subscribed
         fleet.enroll("cam-1")
         fleet.enroll("cam-2")
