@@ -38,11 +38,15 @@ def _enclave_source(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enclave_run(args: argparse.Namespace) -> int:
+def _json_input(text: str) -> object:
     try:
-        value = json.loads(args.input)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"INPUT is not valid JSON: {e.msg}") from e
+
+
+def _enclave_run(args: argparse.Namespace) -> int:
+    value = _json_input(args.input)
     if args.dev_keys_from and not args.dev:
         raise InputError(
             "--dev-keys-from needs --dev", hint="development keys are never used in production"
@@ -93,10 +97,7 @@ def _agent_run(args: argparse.Namespace) -> int:
 
 
 def _agent_invoke(args: argparse.Namespace) -> int:
-    try:
-        value = json.loads(args.input)
-    except json.JSONDecodeError as e:
-        raise InputError(f"INPUT is not valid JSON: {e.msg}") from e
+    value = _json_input(args.input)
     _state, socket_path = _agent_paths(args)
     print(json.dumps(call(socket_path, args.entrypoint, value, timeout=args.timeout)))
     return 0

@@ -42,8 +42,7 @@ from provisioning.enroll import enroll_device  # noqa: E402
 from provisioning.home import FleetHome, init_home  # noqa: E402
 from strongroom import messages, topics  # noqa: E402
 from strongroom.image import load_image  # noqa: E402
-from strongroom.mqtt import MqttClient, MqttSettings  # noqa: E402
-from tests.fleet import Broker, Observer, Proc, cli, free_port, wait_until  # noqa: E402
+from tests.fleet import Broker, Observer, Proc, bundle_client, cli, free_port, wait_until  # noqa: E402
 
 
 def raw_verify_rate(seconds: float = 1.0) -> float:
@@ -106,18 +105,7 @@ def make_evidence(image: Path, bundles: dict[str, Path], per_device: int) -> lis
 
 
 def _publish(port: int, bundle: Path, device_id: str, token: bytes) -> float:
-    client = MqttClient(
-        MqttSettings(
-            "localhost",
-            port,
-            bundle / "tls/ca.pem",
-            bundle / "tls/client.pem",
-            bundle / "tls/client.key",
-            device_id,
-            session_expiry_s=0,
-            clean_start=True,
-        )
-    ).start()
+    client = bundle_client(port, bundle, device_id)
     try:
         client.wait_connected(20)
         sent = time.monotonic()

@@ -181,6 +181,26 @@ class Observer:
             self.client.stop()
 
 
+def bundle_client(
+    port: int, bundle: Path, client_id: str, *, protocol: Literal[5, 311] = 5
+) -> MqttClient:
+    """A started MQTT client with a bundle's TLS identity (its client id may differ: tests
+    try impostors), keeping no session."""
+    return MqttClient(
+        MqttSettings(
+            "localhost",
+            port,
+            bundle / "tls/ca.pem",
+            bundle / "tls/client.pem",
+            bundle / "tls/client.key",
+            client_id,
+            protocol=protocol,
+            session_expiry_s=0,
+            clean_start=True,
+        )
+    ).start()
+
+
 def short_socket_dir() -> Path:
     """Unix socket paths are limited to ~100 bytes; pytest's tmp paths can be longer."""
     return Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))

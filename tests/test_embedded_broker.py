@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from strongroom import topics
-from strongroom.mqtt import MqttClient, MqttError, MqttSettings
-from tests.fleet import Fleet, wait_until
+from strongroom.mqtt import MqttClient, MqttError
+from tests.fleet import Fleet, bundle_client, wait_until
 from tests.test_remote_attestation import _evidence_of
 
 
@@ -22,19 +22,7 @@ def embedded_fleet(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _client(fleet: Fleet, bundle: Path, client_id: str) -> MqttClient:
-    c = MqttClient(
-        MqttSettings(
-            "localhost",
-            fleet.broker.port,
-            bundle / "tls/ca.pem",
-            bundle / "tls/client.pem",
-            bundle / "tls/client.key",
-            client_id,
-            protocol=311,
-            clean_start=True,
-        )
-    ).start()
-    return c
+    return bundle_client(fleet.broker.port, bundle, client_id, protocol=311)
 
 
 def test_a_device_is_affirmed_and_keyed_through_the_embedded_broker(embedded_fleet: Fleet) -> None:

@@ -18,9 +18,9 @@ from provisioning.seal import seal_artifact
 from strongroom import topics
 from strongroom.ear import AttestationResult, sign_result, verify_result
 from strongroom.errors import SignatureError
-from strongroom.mqtt import MqttClient, MqttError, MqttSettings
+from strongroom.mqtt import MqttClient, MqttError
 from strongroom.signing import SigningKey
-from tests.fleet import Fleet, Observer, cli, wait_until
+from tests.fleet import Fleet, Observer, bundle_client, cli, wait_until
 
 
 def test_a_healthy_device_is_affirmed_gets_its_keys_and_answers_invoke(fleet: Fleet) -> None:
@@ -122,19 +122,7 @@ def test_a_rolled_back_artifact_gets_no_key(fleet: Fleet) -> None:
 
 
 def _device_client(fleet: Fleet, device_id: str) -> MqttClient:
-    bundle = fleet.root / device_id
-    client = MqttClient(
-        MqttSettings(
-            "localhost",
-            fleet.broker.port,
-            bundle / "tls/ca.pem",
-            bundle / "tls/client.pem",
-            bundle / "tls/client.key",
-            device_id,
-            session_expiry_s=0,
-            clean_start=True,
-        )
-    ).start()
+    client = bundle_client(fleet.broker.port, fleet.root / device_id, device_id)
     client.wait_connected(10)
     return client
 
