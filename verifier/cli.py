@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,7 @@ import structlog
 
 from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
 from provisioning.home import open_home
-from provisioning.registry import Registry
-from strongroom.errors import InputError, IntegrityError
-from strongroom.fsutil import read_file
+from strongroom.errors import IntegrityError
 from strongroom.mqtt import (
     MqttClient,
     MqttSettings,
@@ -23,9 +20,9 @@ from strongroom.mqtt import (
     parse_broker_url,
 )
 from strongroom.signals import stop_event
-from strongroom.signing import SigningKey
 from verifier.audit import AuditLog, verify
-from verifier.service import Verifier, VerifierConfig, audit_path, verifier_db_path
+from verifier.operator import ACTIVE, REVOKED, audit_path, request_reattestation, set_status
+from verifier.service import Verifier, VerifierConfig, verifier_db_path
 from verifier.store import StateStore
 from verifier.store_postgres import PostgresStore, is_postgres_url
 from verifier.store_sqlite import SqliteStore
@@ -108,32 +105,24 @@ def _audit_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_status(args: argparse.Namespace, status: str, event: str) -> int:
-    home = open_home(args.home)
-    registry = Registry(home.registry_dir)
-    if not registry.exists(args.device_id):
-        raise InputError(f"device {args.device_id} is not enrolled", hint="check the device id")
-    record = registry.get(args.device_id)
-    if record.status == status:
-        print(json.dumps({"device": args.device_id, "status": status, "changed": False}))
-        return 0
-    registry.put(replace(record, status=status))
-    signing_key = SigningKey.from_pem(
-        read_file(home.root / "verifier" / "result-signing.key", "verifier key")
+def _device_revoke(args: argparse.Namespace) -> int:
+    outcome = set_status(
+        open_home(args.home), args.device_id, REVOKED, reason=args.reason, by="operator"
     )
-    AuditLog(audit_path(home), signing_key).append(
-        event, args.device_id, reason=getattr(args, "reason", ""), by="operator"
-    )
-    print(json.dumps({"device": args.device_id, "status": status, "changed": True}))
+    print(json.dumps(outcome.to_json_dict()))
     return 0
 
 
-def _device_revoke(args: argparse.Namespace) -> int:
-    return _set_status(args, "revoked", "revoked")
-
-
 def _device_reinstate(args: argparse.Namespace) -> int:
-    return _set_status(args, "active", "reinstated")
+    outcome = set_status(open_home(args.home), args.device_id, ACTIVE, reason="", by="operator")
+    print(json.dumps(outcome.to_json_dict()))
+    return 0
+
+
+def _device_reattest(args: argparse.Namespace) -> int:
+    outcome = request_reattestation(open_home(args.home), args.device_id, by="operator")
+    print(json.dumps(outcome.to_json_dict()))
+    return 0
 
 
 def register(groups: dict[str, Any]) -> None:
@@ -150,6 +139,12 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("device_id", metavar="DEVICE_ID")
     p.add_argument("--home", type=Path, required=True)
     p.set_defaults(handler=_device_reinstate)
+    p = groups["device"].add_parser(
+        "reattest", help="ask the verifier to challenge a device now (fresh evidence)"
+    )
+    p.add_argument("device_id", metavar="DEVICE_ID")
+    p.add_argument("--home", type=Path, required=True)
+    p.set_defaults(handler=_device_reattest)
 
     p = groups["audit"].add_parser("verify", help="check the audit log's hash chain")
     p.add_argument("--home", type=Path, required=True)

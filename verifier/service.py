@@ -33,6 +33,7 @@ from strongroom.policy import FleetPolicy
 from strongroom.signing import SigningKey
 from verifier.appraisal import appraise
 from verifier.audit import AuditLog
+from verifier.operator import audit_path, claim_requests, requests_dir
 from verifier.release import refusal
 from verifier.store import Freshness, StateStore
 
@@ -82,6 +83,7 @@ class Verifier:
         self.counts: dict[str, int] = {}
         self._revoked_at: dict[str, float] = {}
         self._stamp: tuple[int, int] = (0, 0)
+        self._requests_stamp = 0
         self.reload()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -371,10 +373,28 @@ class Verifier:
         self._stamp = stamp
         return changed
 
+    def _answer_requests(self) -> None:
+        """Challenge the devices an operator asked to re-attest (checked cheaply by mtime)."""
+        try:
+            stamp = requests_dir(self.config.home).stat().st_mtime_ns
+        except OSError:
+            return
+        if stamp == self._requests_stamp:
+            return
+        self._requests_stamp = stamp
+        for device_id in claim_requests(self.config.home):
+            try:
+                self._device(device_id, "re-attestation request")
+                self.challenge(device_id)
+                log.info("reattestation_requested", device=device_id)
+            except (StrongroomError, MqttError) as e:
+                log.warning("reattestation_not_requested", device=device_id[:64], reason=str(e))
+
     def tick(self) -> None:
         now = self.clock()
         if self._sources_changed() or now - self._last_reload >= REGISTRY_RELOAD_S:
             self.reload()
+        self._answer_requests()
         interval = self.config.challenge_interval_s or self.policy.attestation_interval_s
         if now - self._last_round >= interval:
             self._last_round = now
@@ -411,7 +431,3 @@ class Verifier:
 
 def verifier_db_path(home: FleetHome) -> Path:
     return home.root / "verifier" / "state.sqlite"
-
-
-def audit_path(home: FleetHome) -> Path:
-    return home.root / "verifier" / "audit.log"
