@@ -30,18 +30,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from agent.platform_service import SimulatedPlatform, identity_of  # noqa: E402
-from agent.report import key_binding  # noqa: E402
+from device_sim.inline import InlineEnclave, image_identity  # noqa: E402
 from provisioning.enroll import enroll_device  # noqa: E402
 from provisioning.home import FleetHome, init_home  # noqa: E402
 from strongroom import messages, topics  # noqa: E402
-from strongroom.image import load_image  # noqa: E402
 from tests.fleet import Broker, Observer, Proc, bundle_client, cli, free_port, wait_until  # noqa: E402
 
 
@@ -75,32 +72,12 @@ def make_fleet(root: Path, devices: int) -> tuple[FleetHome, dict[str, Path]]:
 def make_evidence(image: Path, bundles: dict[str, Path], per_device: int) -> list[dict[str, bytes]]:
     """`per_device` rounds of evidence, each from the device's own simulated platform (a real
     report and a real quote, so sequence numbers rise from round to round)."""
-    identity = identity_of(load_image(image.read_bytes()))
+    identity = image_identity(image.read_bytes())
     rounds: list[dict[str, bytes]] = [{} for _ in range(per_device)]
     for device_id, bundle in bundles.items():
-        platform = SimulatedPlatform(bundle)
+        enclave = InlineEnclave.load(bundle, identity)
         for r in range(per_device):
-            public = (
-                x25519.X25519PrivateKey.generate()
-                .public_key()
-                .public_bytes(Encoding.Raw, PublicFormat.Raw)
-            )
-            nonce = secrets.token_bytes(32)
-            report = platform.handle(
-                identity, {"op": "report", "report_data": key_binding(public, nonce)}
-            )
-            quote = platform.handle(
-                identity,
-                {
-                    "op": "quote",
-                    "body": report["body"],
-                    "mac": report["mac"],
-                    "nonce": nonce,
-                    "enclave_key": public,
-                    "artifacts": [],
-                },
-            )
-            rounds[r][device_id] = quote["token"]
+            rounds[r][device_id] = enclave.evidence()
     return rounds
 
 

@@ -14,14 +14,10 @@ the verifier's public key can check a result. Pure.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
-import cwt
-from cwt import COSEKey
-
-from strongroom import __version__
-from strongroom.errors import FormatError, SignatureError
+from strongroom import __version__, cose
+from strongroom.errors import FormatError
 from strongroom.signing import SigningKey, VerifyKey
 
 EAT_PROFILE, IAT, EXP, NBF, SUBMODS = 265, 6, 4, 5, 266
@@ -30,6 +26,7 @@ SR_REASONS, SR_DETAILS = -70100, -70101
 EAR_PROFILE = "tag:github.com,2023:veraison/ear"
 VERIFIER_KID = "strongroom-verifier"
 RESULT_VALIDITY_S = 365 * 86400
+MAX_RESULT = 64 * 1024
 
 TIERS = {"none": 0, "affirming": 2, "warning": 32, "contraindicated": 96}
 VECTOR_KEYS = (
@@ -88,31 +85,14 @@ def _claims(r: AttestationResult) -> dict[int, Any]:
 
 
 def sign_result(result: AttestationResult, key: SigningKey) -> bytes:
-    cose_key = _signing_cose_key(key.to_pem())
-    token: bytes = cwt.encode(_claims(result), cose_key)
-    return token
-
-
-@lru_cache(maxsize=4)
-def _signing_cose_key(pem: bytes) -> Any:
-    return COSEKey.from_pem(pem, alg="EdDSA", kid=VERIFIER_KID)
-
-
-@lru_cache(maxsize=16)
-def _verify_cose_key(raw: bytes) -> Any:
-    return COSEKey.from_pem(VerifyKey(raw).to_pem(), alg="EdDSA", kid=VERIFIER_KID)
+    return cose.sign(_claims(result), key, VERIFIER_KID.encode())
 
 
 def verify_result(token: bytes, key: VerifyKey) -> AttestationResult:
     """Check a result's signature with the verifier's public key and parse it."""
-    try:
-        claims: Any = cwt.decode(token, _verify_cose_key(key.raw))
-    except cwt.VerifyError as e:
-        if "expired" in str(e) or "not yet valid" in str(e):
-            raise FormatError(f"attestation result is outside its validity period: {e}") from e
-        raise SignatureError("attestation result is not signed by the fleet verifier") from e
-    except (cwt.DecodeError, ValueError) as e:
-        raise FormatError(f"attestation result is malformed: {e}") from e
+    if len(token) > MAX_RESULT:
+        raise FormatError("attestation result is too large")
+    claims: Any = cose.verify(token, key, "attestation result")
     try:
         if claims[EAT_PROFILE] != EAR_PROFILE or len(claims[SUBMODS]) != 1:
             raise ValueError("not a Strongroom EAR")

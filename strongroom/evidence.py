@@ -1,5 +1,5 @@
 """Attestation evidence: an EAT (RFC 9711) as a CWT in a COSE_Sign1, signed with EdDSA by the
-device's platform attestation key. Built and checked with the `cwt` library, never by hand.
+device's platform attestation key, built and checked by `strongroom.cose`.
 
 Registered claims used: `eat_nonce` (10), `ueid` (256), `iat` (6), `exp` (4: `iat` + 7 days, so
 evidence that waited in a device's outbox stays verifiable; freshness comes from nonces and
@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
-import cbor2
-import cwt
-from cwt import COSEKey
-
-from strongroom.errors import FormatError, SignatureError
+from strongroom import cose
+from strongroom.errors import FormatError
 from strongroom.image import EnclaveIdentity
 from strongroom.signing import SigningKey, VerifyKey
 
@@ -101,44 +97,30 @@ def _claims(ev: Evidence) -> dict[int, Any]:
     }
 
 
-@lru_cache(maxsize=4096)
-def _verify_cose_key(raw: bytes, kid: str) -> Any:
-    return COSEKey.from_pem(VerifyKey(raw).to_pem(), alg="EdDSA", kid=kid)
-
-
 def sign_evidence(ev: Evidence, key: SigningKey) -> bytes:
-    cose_key = COSEKey.from_pem(key.to_pem(), alg="EdDSA", kid=ev.device_id)
-    token: bytes = cwt.encode(_claims(ev), cose_key)
-    return token
+    return cose.sign(_claims(ev), key, ev.device_id.encode())
 
 
-def evidence_kid(token: bytes) -> str:
+def parse_evidence(token: bytes) -> cose.Sign1:
+    """The token's structure, unverified: its `kid` names the device whose key verifies it."""
+    if len(token) > MAX_EVIDENCE:
+        raise FormatError("evidence is too large")
+    return cose.parse(token, "evidence")
+
+
+def evidence_kid(token: bytes | cose.Sign1) -> str:
     """The device id in the COSE `kid` header, read without verifying (to pick the key)."""
-    if len(token) > MAX_EVIDENCE:
-        raise FormatError("evidence is too large")
+    parsed = token if isinstance(token, cose.Sign1) else parse_evidence(token)
     try:
-        obj = cbor2.loads(token)
-        parts = obj.value if isinstance(obj, cbor2.CBORTag) else obj
-        protected = cbor2.loads(parts[0]) if parts[0] else {}
-        kid = protected.get(4) or parts[1].get(4)
-        return bytes(kid).decode() if isinstance(kid, bytes) else str(kid)
-    except Exception as e:  # any malformed structure is the same failure
-        raise FormatError("evidence is not a COSE_Sign1") from e
+        return parsed.kid.decode()
+    except UnicodeDecodeError as e:
+        raise FormatError("evidence key id is not a device id") from e
 
 
-def verify_evidence(token: bytes, key: VerifyKey) -> Evidence:
+def verify_evidence(token: bytes | cose.Sign1, key: VerifyKey) -> Evidence:
     """Check the signature with the device's registered key and parse the claims."""
-    if len(token) > MAX_EVIDENCE:
-        raise FormatError("evidence is too large")
-    kid = evidence_kid(token)
-    try:
-        claims: Any = cwt.decode(token, _verify_cose_key(key.raw, kid))
-    except cwt.VerifyError as e:
-        if "expired" in str(e) or "not yet valid" in str(e):
-            raise FormatError(f"evidence is outside its validity period: {e}") from e
-        raise SignatureError("evidence signature does not verify with the device's key") from e
-    except cwt.DecodeError as e:
-        raise FormatError(f"evidence is malformed: {e}") from e
+    parsed = token if isinstance(token, cose.Sign1) else parse_evidence(token)
+    claims: Any = cose.verify(parsed, key, "evidence")
     try:
         enclave = claims[SR_ENCLAVE]
         return Evidence(

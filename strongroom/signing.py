@@ -80,6 +80,11 @@ class SigningKey:
     def sign(self, domain: bytes, message: bytes) -> bytes:
         return self._key.sign(_framed(domain, message)).signature
 
+    def sign_raw(self, message: bytes) -> bytes:
+        """A plain Ed25519 signature, for formats that carry their own domain separation
+        (COSE's Sig_structure); everything else uses `sign` with a domain."""
+        return bytes(self._key.sign(message).signature)
+
     def to_pem(self) -> bytes:
         key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(self._key))
         return key.private_bytes(

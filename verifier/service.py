@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,17 +35,22 @@ from verifier.appraisal import appraise
 from verifier.audit import AuditLog
 from verifier.operator import audit_path, claim_requests, requests_dir
 from verifier.release import refusal
-from verifier.store import Freshness, StateStore
+from verifier.store import Candidate, Freshness, StateStore, StoredResult
 
 log = structlog.get_logger()
 NONCE_SIZE = 32
 TICK_S = 0.2
+BATCH_MAX = 64  # messages taken from the inbox at once (only what has already arrived)
 REGISTRY_RELOAD_S = 60.0  # a full re-read at least this often; changes are seen at once
 KEY_AAD_DOMAIN = b"strongroom/key-release/v1|"
 
 
 class Rejected(IntegrityError):
     """Evidence or a request that is not accepted; the reason goes to the log and the alerts."""
+
+
+# What became of one evidence: appraised, a duplicate delivery (None), or rejected.
+Outcome = tuple[Evidence, AttestationResult] | StrongroomError | None
 
 
 @dataclass(frozen=True)
@@ -198,35 +203,77 @@ class Verifier:
             raise Rejected("evidence subject is another device")
         return ev
 
-    def _appraise(
-        self, device_id: str, token: bytes, *, need_fresh: bool
-    ) -> tuple[Evidence, str] | None:
-        """Verify, check freshness and appraise; publish the result and return the evidence and
-        its status (None for a duplicate delivery, which is ignored)."""
-        ev = self._verified(device_id, token)
-        freshness = self.store.accept_evidence(
-            device_id,
-            ev.nonce,
-            ev.seq,
-            hashlib.sha256(token).digest(),
-            self.clock(),
-            require_fresh=need_fresh,
-        )
+    def _appraise_many(self, items: Sequence[tuple[str, bytes, bool]]) -> list[Outcome]:
+        """Verify, check freshness and appraise (device id, token, must answer a challenge)
+        items; publish their results. Freshness is checked and recorded for all of them in one
+        transaction, and their results saved in a second: the store's round trips, not the
+        signature checks, bound a verifier that takes one message at a time. Each outcome is the
+        evidence and its status, None for a duplicate delivery (ignored), or the error that
+        rejected it (nothing recorded)."""
+        outcomes: list[Outcome] = [None] * len(items)
+        verified: list[tuple[int, Evidence, Candidate]] = []
+        for i, (device_id, token, need_fresh) in enumerate(items):
+            try:
+                ev = self._verified(device_id, token)
+            except StrongroomError as e:
+                outcomes[i] = e
+                continue
+            digest = hashlib.sha256(token).digest()
+            verified.append((i, ev, Candidate(device_id, ev.nonce, ev.seq, digest, need_fresh)))
+        if not verified:
+            return outcomes
+        now = self.clock()
+        acceptances = self.store.accept_batch([c for _i, _e, c in verified], now)
+        saved: list[StoredResult] = []
+        for (i, ev, candidate), acceptance in zip(verified, acceptances, strict=True):
+            try:
+                freshness = self._admitted(acceptance.freshness, ev, candidate.require_fresh)
+            except Rejected as e:
+                outcomes[i] = e
+                continue
+            if freshness is None:
+                self._count("duplicates")
+                continue
+            result = self._result(ev, freshness, now)
+            if acceptance.newest:  # late evidence does not replace a newer result
+                saved.append(
+                    StoredResult(
+                        ev.device_id, result.status, sign_result(result, self._result_key), now
+                    )
+                )
+            outcomes[i] = (ev, result)
+        if saved:
+            self.store.save_results(saved)
+        for stored in saved:
+            try:  # paho keeps it in flight
+                topic = topics.device_topic(stored.device_id, topics.RESULT)
+                self.mqtt.publish(topic, stored.token, retain=True, wait=False)
+            except MqttError as e:
+                log.error("result_not_published", device=stored.device_id, reason=str(e))
+        for outcome in outcomes:
+            if isinstance(outcome, tuple):
+                self._appraised(*outcome)
+        return outcomes
+
+    @staticmethod
+    def _admitted(freshness: Freshness, ev: Evidence, need_fresh: bool) -> Freshness | None:
         if freshness is Freshness.DUPLICATE:
-            self._count("duplicates")
             return None
         if freshness in (Freshness.REPLAY, Freshness.EXPIRED):
             raise Rejected(f"{freshness.value} evidence (sequence {ev.seq})")
         if need_fresh and freshness is not Freshness.FRESH:
             raise Rejected("a key request must answer an outstanding challenge")
-        appraisal = appraise(ev, self.policy, self.devices[device_id])
-        result = AttestationResult(
-            device_id=device_id,
+        return freshness
+
+    def _result(self, ev: Evidence, freshness: Freshness, now: float) -> AttestationResult:
+        appraisal = appraise(ev, self.policy, self.devices[ev.device_id])
+        return AttestationResult(
+            device_id=ev.device_id,
             status=appraisal.status,
             vector=appraisal.vector,
             reasons=appraisal.reasons,
             policy_id=f"policy:v{self.policy.version}",
-            iat=int(self.clock()),
+            iat=int(now),
             details={
                 "firmware": ev.firmware,
                 "svn": ev.enclave.svn,
@@ -236,24 +283,18 @@ class Verifier:
                 "freshness": freshness.value,
             },
         )
-        token_out = sign_result(result, self._result_key)
-        if ev.seq >= self.store.last_seq(
-            device_id
-        ):  # late evidence does not replace a newer result
-            self.store.save_result(device_id, result.status, token_out, self.clock())
-            topic = topics.device_topic(device_id, topics.RESULT)
-            self.mqtt.publish(topic, token_out, retain=True, wait=False)  # paho keeps it in flight
+
+    def _appraised(self, ev: Evidence, result: AttestationResult) -> None:
         self._count(f"appraised_{result.status}")
         log.info(
             "appraised",
-            device=device_id,
+            device=ev.device_id,
             status=result.status,
             seq=ev.seq,
             reasons=list(result.reasons),
         )
         if result.status == "contraindicated":
-            self.revoke(device_id, "; ".join(result.reasons) or "contraindicated")
-        return ev, result.status
+            self.revoke(ev.device_id, "; ".join(result.reasons) or "contraindicated")
 
     def mark_stale(self, since: float) -> None:
         """Devices silent past their interval and grace get a `none` result saying so."""
@@ -277,16 +318,15 @@ class Verifier:
                 log.warning("stale_result_not_published", device=device_id, reason=str(e))
             self.alert("warning", device_id, result.reasons[0])
 
-    def handle_evidence(self, device_id: str, payload: bytes) -> None:
-        self._appraise(device_id, payload, need_fresh=False)
-
     def handle_key_request(self, device_id: str, payload: bytes) -> None:
         request = messages.KeyRequest.decode(payload)
         self._refresh_device(device_id)  # a revocation by an operator counts at once
-        appraised = self._appraise(device_id, request.evidence, need_fresh=True)
-        if appraised is None:
+        (outcome,) = self._appraise_many([(device_id, request.evidence, True)])
+        if isinstance(outcome, StrongroomError):
+            raise outcome
+        if outcome is None:
             return
-        ev, status = appraised
+        ev, status = outcome[0], outcome[1].status
         released, refused = [], []
         lease = keywrap.Lease(self.clock() + self.policy.lease_s, self.policy.offline_grace_s)
         for key_id in request.key_ids:
@@ -341,23 +381,50 @@ class Verifier:
     # -- loop ----------------------------------------------------------------------------------
 
     def handle(self, msg: Inbound) -> None:
-        try:
-            device_id, leaf = topics.parse(msg.topic)
-            if len(msg.payload) > messages.MAX_PAYLOAD:
-                raise Rejected(f"{leaf} payload of {len(msg.payload)} bytes is too large")
+        self.handle_batch([msg])
+
+    def handle_batch(self, msgs: Sequence[Inbound]) -> None:
+        """Handle messages in arrival order; a run of evidence is appraised together."""
+        evidence: list[tuple[Inbound, str]] = []
+        for msg in msgs:
+            try:
+                device_id, leaf = topics.parse(msg.topic)
+                if len(msg.payload) > messages.MAX_PAYLOAD:
+                    raise Rejected(f"{leaf} payload of {len(msg.payload)} bytes is too large")
+            except StrongroomError as e:
+                self._rejected(msg, e)
+                continue
             if leaf == topics.EVIDENCE:
                 self._count("evidence")
-                self.handle_evidence(device_id, msg.payload)
-            elif leaf == topics.KEYS_REQUEST:
-                self._count("key_requests")
-                self.handle_key_request(device_id, msg.payload)
-            elif leaf == topics.STATUS and msg.payload:  # empty: a cleared retained message
-                self.handle_status(device_id, msg.payload)
-        except StrongroomError as e:
-            self._count("rejected")
-            device = msg.topic.split("/")[1] if msg.topic.count("/") >= 2 else "?"
-            log.warning("message_rejected", topic=msg.topic[:120], reason=str(e))
-            self.alert("warning", device[:64], f"rejected {msg.topic[:120]}: {e}")
+                evidence.append((msg, device_id))
+                continue
+            self._appraise_evidence(evidence)
+            evidence = []
+            try:
+                if leaf == topics.KEYS_REQUEST:
+                    self._count("key_requests")
+                    self.handle_key_request(device_id, msg.payload)
+                elif leaf == topics.STATUS and msg.payload:  # empty: a cleared retained message
+                    self.handle_status(device_id, msg.payload)
+            except StrongroomError as e:
+                self._rejected(msg, e)
+            except MqttError as e:
+                log.warning("reply_not_published", topic=msg.topic[:120], reason=str(e))
+        self._appraise_evidence(evidence)
+
+    def _appraise_evidence(self, evidence: Sequence[tuple[Inbound, str]]) -> None:
+        if not evidence:
+            return
+        outcomes = self._appraise_many([(device_id, m.payload, False) for m, device_id in evidence])
+        for (msg, _device_id), outcome in zip(evidence, outcomes, strict=True):
+            if isinstance(outcome, StrongroomError):
+                self._rejected(msg, outcome)
+
+    def _rejected(self, msg: Inbound, error: StrongroomError) -> None:
+        self._count("rejected")
+        device = msg.topic.split("/")[1] if msg.topic.count("/") >= 2 else "?"
+        log.warning("message_rejected", topic=msg.topic[:120], reason=str(error))
+        self.alert("warning", device[:64], f"rejected {msg.topic[:120]}: {error}")
 
     def _sources_changed(self) -> bool:
         """Whether the registry or the policy changed on disk (atomic writes rename files, which
@@ -420,10 +487,10 @@ class Verifier:
             was_connected = connected
             msg = self.mqtt.receive(timeout=0.2)
             if msg is not None:
-                try:
-                    self.handle(msg)
-                except MqttError as e:
-                    log.warning("reply_not_published", topic=msg.topic[:120], reason=str(e))
+                batch = [msg]
+                while len(batch) < BATCH_MAX and (more := self.mqtt.receive(timeout=0)):
+                    batch.append(more)
+                self.handle_batch(batch)
             if time.monotonic() - last_tick >= TICK_S:  # not per message: stat calls add up
                 last_tick = time.monotonic()
                 self.tick()

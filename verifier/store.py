@@ -8,7 +8,7 @@ several verifier processes sharing one database stay correct.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,6 +21,23 @@ class Freshness(enum.Enum):
     DUPLICATE = "duplicate"  # evidence already accepted (an MQTT redelivery)
     REPLAY = "replay"  # a sequence number seen before or far below the highest, or a used nonce
     EXPIRED = "expired"  # our challenge, answered after it expired
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """Verified evidence whose freshness is to be checked and recorded."""
+
+    device_id: str
+    nonce: bytes
+    seq: int
+    token_hash: bytes
+    require_fresh: bool = False  # a key request: it must answer an outstanding challenge
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    freshness: Freshness
+    newest: bool  # recorded, and no higher sequence number was recorded before it
 
 
 @dataclass(frozen=True)
@@ -50,9 +67,17 @@ class StateStore(Protocol):
         evidence (its sequence number and hash); with `require_fresh`, PERIODIC records nothing."""
         ...
 
+    def accept_batch(self, items: Sequence[Candidate], now: float) -> list[Acceptance]:
+        """`accept_evidence` for several, in one transaction; verdicts in the items' order."""
+        ...
+
     def last_seq(self, device_id: str) -> int: ...
 
     def save_result(self, device_id: str, status: str, token: bytes, at: float) -> None: ...
+
+    def save_results(self, results: Sequence[StoredResult]) -> None:
+        """Several results in one transaction."""
+        ...
 
     def result(self, device_id: str) -> StoredResult | None: ...
 

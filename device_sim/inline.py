@@ -1,0 +1,75 @@
+"""An enclave's attestation logic run in the simulator's own process (`--enclave inline`).
+
+For fleets of thousands, one enclave process per device is too much for one machine. An inline
+enclave drives the device's real simulated platform (`SimulatedPlatform`, loaded from the real
+bundle) exactly as the enclave runtime does: a fresh X25519 key, a platform report binding that
+key to the verifier's nonce, and the platform's quote of that report as signed evidence. What it
+does not do is run in a separate, measured process: its identity is the measured identity of the
+image it was given, taken on trust by the simulator (the report says which mode a run used).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from agent.platform_service import SimulatedPlatform, identity_of
+from agent.report import key_binding
+from strongroom import keywrap
+from strongroom.errors import IntegrityError
+from strongroom.image import EnclaveIdentity, load_image
+
+
+def image_identity(image: bytes) -> EnclaveIdentity:
+    """The measured identity of an enclave image (its signature checked)."""
+    return identity_of(load_image(image))
+
+
+@dataclass
+class InlineEnclave:
+    platform: SimulatedPlatform
+    identity: EnclaveIdentity
+    artifacts: list[tuple[str, int, str]] = field(default_factory=list)  # name, version, sha256
+    _key: x25519.X25519PrivateKey | None = None
+
+    @classmethod
+    def load(cls, bundle: Path, identity: EnclaveIdentity) -> InlineEnclave:
+        return cls(SimulatedPlatform(bundle), identity)
+
+    def evidence(self, nonce: bytes | None = None) -> bytes:
+        """Signed evidence answering `nonce` (or with the device's own nonce), for a new
+        ephemeral enclave key."""
+        self._key = x25519.X25519PrivateKey.generate()
+        public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        nonce = secrets.token_bytes(32) if nonce is None else nonce
+        report = self.platform.handle(
+            self.identity, {"op": "report", "report_data": key_binding(public, nonce)}
+        )
+        quote = self.platform.handle(
+            self.identity,
+            {
+                "op": "quote",
+                "body": report["body"],
+                "mac": report["mac"],
+                "nonce": nonce,
+                "enclave_key": public,
+                "artifacts": [list(a) for a in self.artifacts],
+            },
+        )
+        if quote.get("op") != "evidence":
+            raise IntegrityError(f"the platform refused to quote: {quote.get('reason')}")
+        token: bytes = quote["token"]
+        return token
+
+    def unwrap(self, wrapped: bytes, key_id: str, aad: bytes) -> keywrap.Lease:
+        """Open a released key with the ephemeral key of the last evidence; the key bytes are
+        wiped at once (the simulator only needs to know it could)."""
+        if self._key is None:
+            raise IntegrityError("no evidence was made, so no key can be opened")
+        key, lease = keywrap.unwrap_key(self._key, wrapped, key_id=key_id, aad=aad)
+        key[:] = bytes(len(key))
+        return lease

@@ -1,0 +1,153 @@
+"""strongroom.cose: our COSE_Sign1 against a general implementation (cwt), and its refusals."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import cbor2
+import cwt
+import pytest
+from cwt import COSEKey
+
+from strongroom import cose
+from strongroom.errors import FormatError, SignatureError
+from strongroom.signing import SigningKey
+
+KEY = SigningKey.generate()
+OTHER = SigningKey.generate()
+KID = b"cam-001"
+
+
+def _claims(**extra: Any) -> dict[int, Any]:
+    now = int(time.time())
+    return {6: now, 4: now + 3600, 5: now, -70000: 7, **extra}
+
+
+def _cwt_key(key: SigningKey, *, private: bool) -> Any:
+    pem = key.to_pem() if private else _public_pem(key)
+    return COSEKey.from_pem(pem, alg="EdDSA", kid=KID)
+
+
+def _public_pem(key: SigningKey) -> bytes:
+    return key.verify_key.to_pem()
+
+
+def _rebuild(token: bytes, **parts: Any) -> bytes:
+    """The token with some of its four parts replaced (keeping the tag)."""
+    tag = cbor2.loads(token)
+    protected, unprotected, payload, signature = tag.value
+    fields = {"protected": protected, "unprotected": unprotected, "payload": payload}
+    fields["signature"] = signature
+    fields.update(parts)
+    return bytes(cbor2.dumps(cbor2.CBORTag(18, list(fields.values()))))
+
+
+def test_tokens_we_sign_verify_with_a_general_cose_library() -> None:
+    claims = _claims()
+    token = cose.sign(claims, KEY, KID)
+    decoded = cwt.decode(token, _cwt_key(KEY, private=False))
+    assert decoded[-70000] == 7 and decoded[6] == claims[6]
+
+
+def test_tokens_a_general_cose_library_signs_verify_with_ours() -> None:
+    token = cwt.encode(_claims(), _cwt_key(KEY, private=True))
+    assert cose.parse(token, "t").kid == KID
+    assert cose.verify(token, KEY.verify_key, "t")[-70000] == 7
+
+
+def test_wrong_key_is_a_signature_error() -> None:
+    token = cose.sign(_claims(), KEY, KID)
+    with pytest.raises(SignatureError):
+        cose.verify(token, OTHER.verify_key, "t")
+
+
+@pytest.mark.parametrize("part", ["payload", "protected", "signature"])
+def test_any_changed_part_fails(part: str) -> None:
+    token = cose.sign(_claims(), KEY, KID)
+    original = cbor2.loads(token).value
+    index = {"protected": 0, "payload": 2, "signature": 3}[part]
+    changed = bytearray(original[index])
+    if part == "protected":
+        changed = bytearray(cbor2.dumps({1: -8, 3: 0}))  # an extra header changes what is signed
+    else:
+        changed[-1] ^= 1
+    with pytest.raises((SignatureError, FormatError)):
+        cose.verify(_rebuild(token, **{part: bytes(changed)}), KEY.verify_key, "t")
+
+
+def test_the_key_id_is_not_covered_but_only_names_the_key() -> None:
+    # kid sits in the unprotected header (as cwt puts it): changing it does not break the
+    # signature, which is why the verifier also checks the signed subject against the topic
+    token = _rebuild(cose.sign(_claims(), KEY, KID), unprotected={4: b"cam-002"})
+    assert cose.parse(token, "t").kid == b"cam-002"
+    assert cose.verify(token, KEY.verify_key, "t")[-70000] == 7
+
+
+@pytest.mark.parametrize(
+    "protected",
+    [cbor2.dumps({1: -7}), cbor2.dumps({1: -8, 2: [99]}), cbor2.dumps([1]), b"\xff", b""],
+    ids=["es256", "crit", "not-a-map", "malformed", "no-alg"],
+)
+def test_other_algorithms_and_critical_headers_are_refused(protected: bytes) -> None:
+    token = _rebuild(cose.sign(_claims(), KEY, KID), protected=protected)
+    with pytest.raises(FormatError):
+        cose.parse(token, "t")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        b"",
+        b"\xff",
+        cbor2.dumps([1, 2, 3]),
+        cbor2.dumps(cbor2.CBORTag(18, [b"", {}, b"", b""]))[:-1],
+        cbor2.dumps(cbor2.CBORTag(98, [cose._PROTECTED, {}, b"", b""])),
+        cbor2.dumps(cbor2.CBORTag(18, [cose._PROTECTED, {4: 7}, b"", b"x" * 64])),
+    ],
+    ids=["empty", "garbage", "short-array", "truncated", "sign-tag", "int-kid"],
+)
+def test_malformed_tokens_are_format_errors(token: bytes) -> None:
+    with pytest.raises(FormatError):
+        cose.verify(token, KEY.verify_key, "t")
+
+
+def test_trailing_bytes_are_refused() -> None:
+    with pytest.raises(FormatError, match="after its end"):
+        cose.parse(cose.sign(_claims(), KEY, KID) + b"\x00", "t")
+
+
+def test_cwt_tag_and_untagged_forms_are_accepted() -> None:
+    token = cose.sign(_claims(), KEY, KID)
+    inner = cbor2.loads(token)
+    for form in (cbor2.dumps(cbor2.CBORTag(61, inner)), cbor2.dumps(inner.value)):
+        assert cose.verify(form, KEY.verify_key, "t")[-70000] == 7
+
+
+@pytest.mark.parametrize(
+    ("claims", "message"),
+    [
+        ({4: 1000}, "expired"),
+        ({5: 2_000_000_000_000}, "not yet valid"),
+        ({4: "soon"}, "malformed time"),
+    ],
+)
+def test_validity_period_is_checked_with_skew(claims: dict[int, Any], message: str) -> None:
+    token = cose.sign(claims, KEY, KID)
+    with pytest.raises(FormatError, match=message):
+        cose.verify(token, KEY.verify_key, "t")
+
+
+def test_skew_allows_a_minute_either_side() -> None:
+    now = 1_800_000_000
+    token = cose.sign({4: now - 30, 5: now + 30}, KEY, KID)
+    assert cose.verify(token, KEY.verify_key, "t", now=now) == {4: now - 30, 5: now + 30}
+
+
+def test_claims_must_be_a_map() -> None:
+    protected = cose._PROTECTED
+    payload = cbor2.dumps([1, 2])
+    signature = KEY.sign_raw(cose._to_be_signed(protected, payload))
+    token = cbor2.dumps(cbor2.CBORTag(18, [protected, {4: KID}, payload, signature]))
+    with pytest.raises(FormatError, match="not a map"):
+        cose.verify(token, KEY.verify_key, "t")
