@@ -7,8 +7,8 @@ the backlog is published while the verifiers are away (their persistent sessions
 drain rate is measured from the retained results a dashboard-identity observer receives once they
 start. Latency (publish to retained result) is measured on a second, paced round of 100.
 Beside it: the raw Ed25519 verification rate of the library the evidence check uses
-(cryptography, through strongroom.cose), measured in the same run; and, with a real agent and enclave, the
-time from `device revoke` to the enclave's confirmed wipe.
+(cryptography, through strongroom.cose), measured in the same run; and, with a real agent and
+enclave, the time from `device revoke` to the enclave's confirmed wipe.
 
 Targets (issue "Continuous trust"): one process >= 35% of the raw verification rate; two processes
 >= 1.5x one.
