@@ -23,6 +23,7 @@ unit: venv
 
 test: venv
 	@scripts/ensure-mosquitto.sh
+	@scripts/ensure-chromium.sh
 	$(MAKE) --no-print-directory lint
 	$(PY) -m pytest
 

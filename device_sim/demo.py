@@ -1,10 +1,12 @@
 """`strongroom demo`: a small fleet, end to end, in under a minute.
 
 Creates a fleet in a temporary home, starts a broker (Mosquitto when installed, else the embedded
-one), the verifier and four devices — two healthy, one with outdated firmware, one with a tampered
-enclave image — shows each device's trust status as it changes, runs a protected model's prediction
-through `agent invoke` on a healthy device, shows the outdated one refused its keys and revoked,
-and stops everything cleanly. Every part is the real code: processes, TLS, ACLs, enclaves.
+one), the verifier, the web dashboard and four devices — two healthy, one with outdated firmware,
+one with a tampered enclave image — shows each device's trust status as it changes (in the terminal
+and, live, on the dashboard), runs a protected model's prediction through `agent invoke` on a
+healthy device, shows the outdated one refused its keys and revoked, and stops everything cleanly
+(or, with `stay`, keeps the fleet and its dashboard running until interrupted). Every part is the
+real code: processes, TLS, ACLs, enclaves.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from strongroom import messages, topics
 from strongroom.ear import verify_result
 from strongroom.errors import EnvironmentFault, StrongroomError
 from strongroom.mqtt import MqttClient, MqttSettings
+from strongroom.signals import stop_event
 
 FEATURES = [0.5, 1, -2, 3, 0, 0.1, 4, -1, 2, 2, 0, 1, -0.5, 3, 1, 0]
 # device id -> (firmware, enclave image tampered with on the device)
@@ -53,8 +56,8 @@ def _free_port() -> int:
 
 
 class Demo:
-    def __init__(self, out: TextIO, keep: bool) -> None:
-        self.out, self.keep = out, keep
+    def __init__(self, out: TextIO, keep: bool, stay: bool = False) -> None:
+        self.out, self.keep, self.stay = out, keep, stay
         self.root = Path(tempfile.mkdtemp(prefix="strongroom-demo-"))
         self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.mqtt: list[str] = []
@@ -125,6 +128,26 @@ class Demo:
             kind = "the embedded broker (Mosquitto is not installed; MQTT 3.1.1)"
         _wait(lambda: _listening(port), 20, "the broker")
         self.say(f"  broker: {kind} on port {port}")
+        return port
+
+    def start_dashboard(self, home: FleetHome, url: str) -> int:
+        """The web dashboard (its own read-only identity, `_dashboard-1`); returns its port."""
+        port = _free_port()
+        self.spawn(
+            "dashboard",
+            _cli(
+                "--log-level",
+                "info",
+                "dashboard",
+                "--home",
+                str(home.root),
+                "--broker",
+                url,
+                "--port",
+                str(port),
+                *self.mqtt,
+            ),
+        )
         return port
 
     def watch(self, home: FleetHome, port: int) -> None:
@@ -202,11 +225,16 @@ class Demo:
                 *self.mqtt,
             ),
         )
+        dashboard_port = self.start_dashboard(home, url)
+        dashboard = f"http://127.0.0.1:{dashboard_port}/"
         self.watch(home, port)
         self.say(
             "  verifier and key broker running; watching results with the read-only "
             "dashboard identity"
         )
+        _wait(lambda: _listening(dashboard_port), 20, "the dashboard")
+        self.say(f"  dashboard: {dashboard}  (open it now: trust changes show live)")
+        self.say(f"  operator token for its actions: {home.operator_token_path}")
         self.say("\n3. Devices start their agents (trust status as it changes)")
         agents = {}
         for device_id in DEVICES:
@@ -256,10 +284,26 @@ class Demo:
             and answer.startswith("{")
         )
         self.say("\nWhere to look next")
-        self.say(f"  logs (JSON lines): {self.root}/verifier.log, agent-cam-*.log, broker.log")
+        self.say(
+            f"  logs (JSON lines): {self.root}/verifier.log, dashboard.log, agent-cam-*.log, "
+            "broker.log"
+        )
         self.say(f"  audit trail:       strongroom audit show --home {home.root}")
         self.say(f"  fleet policy:      {home.policy_path}")
         self.say("  protocol:          docs/protocol.md; threat model: docs/threat-model.md")
+        if not self.stay:
+            self.say(
+                "  keep it running:   strongroom demo --stay (fleet and dashboard until Ctrl-C)"
+            )
+        else:
+            status = f"strongroom status --home {home.root} --broker {url} {' '.join(self.mqtt)}"
+            self.say(f"  fleet status:      {status.rstrip()}")
+            self.say(
+                f"\nThe fleet and its dashboard ({dashboard}) keep running; Ctrl-C stops them."
+            )
+            stop = stop_event()
+            while not stop.wait(0.5):
+                pass
         return 0 if ok else 1
 
     def invoke(self, device_id: str) -> str:
@@ -315,8 +359,8 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> None:
     raise EnvironmentFault(f"{what} did not start within {timeout:g} s")
 
 
-def run_demo(out: TextIO = sys.stdout, keep: bool = True) -> int:
-    demo = Demo(out, keep)
+def run_demo(out: TextIO = sys.stdout, keep: bool = True, stay: bool = False) -> int:
+    demo = Demo(out, keep, stay)
     try:
         return demo.run()
     finally:

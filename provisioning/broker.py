@@ -10,7 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from provisioning.broker_config import BrokerSettings, acl_text, mosquitto_conf
-from provisioning.home import DASHBOARD_CN, MAX_VERIFIER_INSTANCES, VERIFIER_CN, FleetHome
+from provisioning.home import (
+    DASHBOARD_CN,
+    MAX_DASHBOARD_INSTANCES,
+    MAX_VERIFIER_INSTANCES,
+    VERIFIER_CN,
+    FleetHome,
+)
 from strongroom.errors import EnvironmentFault
 from strongroom.fsutil import SECRET_FILE, make_private_dir, write_atomic
 
@@ -55,10 +61,16 @@ def write_broker_config(
         data_dir=data,
         user=getpass.getuser(),
     )
-    extra = tuple(f"{VERIFIER_CN}-{i}" for i in range(1, MAX_VERIFIER_INSTANCES + 1))
-    write_atomic(acl, acl_text((VERIFIER_CN, *extra), DASHBOARD_CN).encode(), SECRET_FILE)
+    verifiers = _instances(VERIFIER_CN, MAX_VERIFIER_INSTANCES)
+    dashboards = _instances(DASHBOARD_CN, MAX_DASHBOARD_INSTANCES)
+    write_atomic(acl, acl_text(verifiers, dashboards).encode(), SECRET_FILE)
     write_atomic(config, mosquitto_conf(settings).encode(), SECRET_FILE)
     return BrokerFiles(config, acl, data)
+
+
+def _instances(cn: str, maximum: int) -> tuple[str, ...]:
+    """A role's identities: the default one and its numbered instances (issued on first use)."""
+    return (cn, *(f"{cn}-{i}" for i in range(1, maximum + 1)))
 
 
 def exec_mosquitto(files: BrokerFiles) -> None:

@@ -25,7 +25,13 @@ def _emit(doc: dict[str, Any]) -> None:
 def _fleet_init(args: argparse.Namespace) -> int:
     home = init_home(args.home, force=args.force)
     log.info("fleet_created", home=str(home.root), fleet_id=home.fleet_id)
-    _emit({"home": str(home.root), "fleet_id": home.fleet_id})
+    _emit(
+        {
+            "home": str(home.root),
+            "fleet_id": home.fleet_id,
+            "operator_token_file": str(home.operator_token_path),  # the path, never the token
+        }
+    )
     return 0
 
 

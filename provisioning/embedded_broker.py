@@ -26,8 +26,6 @@ from cryptography.x509.oid import NameOID
 from provisioning.broker_config import DASHBOARD, DEVICE, READ, VERIFIER, WRITE, acl_allows
 from provisioning.home import DASHBOARD_CN, VERIFIER_CN, FleetHome
 
-_ROLES = {DASHBOARD_CN: DASHBOARD}  # and every identity starting with "_verifier"
-
 
 def _cert_cn(session: Any) -> str | None:
     ssl_object = getattr(session, "ssl_object", None)
@@ -36,6 +34,16 @@ def _cert_cn(session: Any) -> str | None:
         return None
     names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
+
+
+def _role(identity: str) -> str:
+    """Role identities start with "_", which no device id may: `_verifier`, `_verifier-N`,
+    `_dashboard`, `_dashboard-N`. Anything else is a device."""
+    if identity.startswith(VERIFIER_CN):
+        return VERIFIER
+    if identity == DASHBOARD_CN or identity.startswith(f"{DASHBOARD_CN}-"):
+        return DASHBOARD
+    return DEVICE
 
 
 class CertificateAuth(BaseAuthPlugin):
@@ -63,7 +71,7 @@ class FleetAcl(BaseTopicPlugin):
         if session is None or topic is None:
             return False
         identity = _cert_cn(session) or ""
-        role = VERIFIER if identity.startswith(VERIFIER_CN) else _ROLES.get(identity, DEVICE)
+        role = _role(identity)
         access = WRITE if action == Action.PUBLISH else READ
         return acl_allows(role, identity, access, topic)
 

@@ -8,7 +8,9 @@ Layout (directories 0700, secrets 0600, certificates and public keys 0644)::
     broker/server.pem, .key        broker TLS server certificate (localhost)
     verifier/client.pem, .key      verifier MQTT identity (CN "_verifier")
     verifier/result-signing.key    Ed25519 key that signs attestation results (+ .pub)
-    dashboard/client.pem, .key     read-only consumer identity (CN "_dashboard")
+    dashboard/client.pem, .key     read-only consumer identity (CN "_dashboard"; "_dashboard-N"
+                                   in client-N.pem, .key, issued on first use)
+    dashboard/operator-token       bearer token of the web dashboard's operator actions
     signing/enclave.key, .pub      Ed25519 enclave-signing key
     signing/artifact.key, .pub     Ed25519 artifact-signing key
     keystore/kek                   key-encryption key of the key broker's keystore
@@ -29,7 +31,7 @@ from provisioning import ca
 from provisioning.errors import NotAFleetHomeError
 from provisioning.policy_file import initial_policy
 from strongroom import canonical
-from strongroom.errors import InputError
+from strongroom.errors import EnvironmentFault, InputError
 from strongroom.fields import get_str
 from strongroom.fsutil import (
     PUBLIC_FILE,
@@ -46,8 +48,11 @@ HOME_FORMAT = "strongroom-fleet-home/1"
 VERIFIER_CN = "_verifier"
 MAX_VERIFIER_INSTANCES = 8  # extra verifier identities "_verifier-1" .. "_verifier-8"
 DASHBOARD_CN = "_dashboard"
+MAX_DASHBOARD_INSTANCES = 8  # extra read-only identities "_dashboard-1" .. "_dashboard-8"
+OPERATOR_TOKEN_FILE = "operator-token"  # noqa: S105 - a file name, not a secret
 BROKER_NAMES = ("localhost", "127.0.0.1", "::1")
 KEK_SIZE = 32
+OPERATOR_TOKEN_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -89,22 +94,35 @@ class FleetHome:
             read_file(self.root / "verifier" / "result-signing.pub", "result key")
         )
 
+    @property
+    def operator_token_path(self) -> Path:
+        return self.root / "dashboard" / OPERATOR_TOKEN_FILE
+
     def verifier_identity(self, instance: int = 0) -> tuple[str, Path, Path]:
         """(CN, certificate, key) of verifier process `instance` (0: the default identity).
 
         MQTT client ids must differ between connected clients, and the broker makes the
         certificate CN the client id, so each verifier process needs an identity of its own;
         instances 1-8 are issued on first use."""
+        return self._role_identity(VERIFIER_CN, "verifier", instance, MAX_VERIFIER_INSTANCES)
+
+    def dashboard_identity(self, instance: int = 0) -> tuple[str, Path, Path]:
+        """(CN, certificate, key) of read-only consumer `instance` (0: `_dashboard`).
+
+        As for verifiers, consumers connected at the same time (the web dashboard, `strongroom
+        status`, a monitoring script) each need their own identity; 1-8 are issued on first use."""
+        return self._role_identity(DASHBOARD_CN, "dashboard", instance, MAX_DASHBOARD_INSTANCES)
+
+    def _role_identity(
+        self, base_cn: str, directory: str, instance: int, maximum: int
+    ) -> tuple[str, Path, Path]:
+        d = self.root / directory
         if instance == 0:
-            d = self.root / "verifier"
-            return VERIFIER_CN, d / "client.pem", d / "client.key"
-        if not 1 <= instance <= MAX_VERIFIER_INSTANCES:
-            raise InputError(f"verifier instance must be between 1 and {MAX_VERIFIER_INSTANCES}")
-        cn = f"{VERIFIER_CN}-{instance}"
-        cert, key = (
-            self.root / "verifier" / f"client-{instance}.pem",
-            self.root / "verifier" / f"client-{instance}.key",
-        )
+            return base_cn, d / "client.pem", d / "client.key"
+        if not 1 <= instance <= maximum:
+            raise InputError(f"{directory} instance must be between 0 and {maximum}")
+        cn = f"{base_cn}-{instance}"
+        cert, key = d / f"client-{instance}.pem", d / f"client-{instance}.key"
         if not cert.exists():
             issued = ca.issue(self.ca_issued(), self.fleet_id, cn)
             write_atomic(key, issued.key_pem, SECRET_FILE)
@@ -130,6 +148,40 @@ def _write_signing_key(directory: Path, stem: str) -> SigningKey:
     write_atomic(directory / f"{stem}.key", key.to_pem(), SECRET_FILE)
     write_atomic(directory / f"{stem}.pub", key.verify_key.to_pem(), PUBLIC_FILE)
     return key
+
+
+def _write_operator_token(path: Path) -> None:
+    write_atomic(path, secrets.token_urlsafe(OPERATOR_TOKEN_BYTES).encode(), SECRET_FILE)
+
+
+def ensure_operator_token(home: FleetHome) -> bool:
+    """Create the dashboard's operator token if this home has none (homes made before the
+    dashboard); True if it was created. The token itself is never returned or printed here."""
+    path = home.operator_token_path
+    if path.exists():
+        return False
+    make_private_dir(path.parent)
+    _write_operator_token(path)
+    return True
+
+
+def read_operator_token(home: FleetHome) -> bytes:
+    """The operator token, refused if other users could read it (like ssh's private keys)."""
+    path = home.operator_token_path
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError as e:
+        raise InputError(
+            f"{path} does not exist", hint="run `strongroom dashboard`, which creates it"
+        ) from e
+    if mode & 0o077:
+        raise EnvironmentFault(
+            f"{path} is readable by other users", hint=f"run chmod 600 {path}, then rotate it"
+        )
+    token = read_file(path, "operator token").strip()
+    if len(token) < OPERATOR_TOKEN_BYTES:
+        raise InputError(f"{path} holds no usable token", hint="delete it; a new one is made")
+    return token
 
 
 def _is_fleet_home(path: Path) -> bool:
@@ -161,6 +213,7 @@ def init_home(path: Path, *, force: bool = False) -> FleetHome:
         )
         _write_issued(stage / "verifier", "client", ca.issue(authority, fleet_id, VERIFIER_CN))
         _write_issued(stage / "dashboard", "client", ca.issue(authority, fleet_id, DASHBOARD_CN))
+        _write_operator_token(stage / "dashboard" / OPERATOR_TOKEN_FILE)
         _write_signing_key(stage / "verifier", "result-signing")
         enclave_key = _write_signing_key(stage / "signing", "enclave")
         _write_signing_key(stage / "signing", "artifact")

@@ -76,6 +76,20 @@ def _edit(path: Path, change: object) -> None:
     write_atomic(path, text.encode(), SECRET_FILE)
 
 
+def set_values(path: Path, values: dict[tuple[str, str], object]) -> None:
+    """Set `[section] key = value` entries (validated as a whole, version bumped)."""
+
+    def change(doc: tomlkit.TOMLDocument) -> None:
+        for (section, key), value in values.items():
+            table = doc.get(section)
+            if not isinstance(table, Table):
+                table = tomlkit.table()
+                doc[section] = table
+            table[key] = value
+
+    _edit(path, change)
+
+
 def add_enclave_reference(path: Path, ref: EnclaveReference) -> bool:
     """Register an enclave build as a reference value; False if it was already registered."""
     policy = parse_policy(read_file(path, "fleet policy").decode())

@@ -30,6 +30,7 @@ FLEET_SECRET_FILES = [
     "verifier/client.key",
     "verifier/result-signing.key",
     "dashboard/client.key",
+    "dashboard/operator-token",
     "signing/enclave.key",
     "signing/artifact.key",
     "keystore/kek",
@@ -245,9 +246,8 @@ def test_no_fleet_secret_reaches_the_bundle(fleet_home: FleetHome, tmp_path: Pat
     needles: dict[str, list[bytes]] = {"artifact data key": secret_forms(bytes(data_key))}
     for rel in FLEET_SECRET_FILES:
         content = (fleet_home.root / rel).read_bytes()
-        needles[rel] = (
-            secret_forms(content) if rel == "keystore/kek" else private_key_needles(content)
-        )
+        raw = rel in ("keystore/kek", "dashboard/operator-token")
+        needles[rel] = secret_forms(content) if raw else private_key_needles(content)
     for key_file in (fleet_home.keystore_dir / "keys").glob("*.json"):
         needles[key_file.name] = [key_file.read_bytes()]
 
