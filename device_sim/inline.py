@@ -17,11 +17,17 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import x25519
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from agent.enclave_app.attestation import EnclavePolicy, platform_problems
 from agent.platform_service import SimulatedPlatform, identity_of
-from agent.report import key_binding
-from strongroom import keywrap
+from agent.report import key_binding, verify_report
+from strongroom import artifact, keywrap
 from strongroom.errors import IntegrityError
 from strongroom.image import EnclaveIdentity, load_image
+from strongroom.signing import VerifyKey
+
+
+class LocalAttestationFailed(IntegrityError):
+    """The platform does not meet the enclave's own policy: it will not attest or decrypt."""
 
 
 def image_identity(image: bytes) -> EnclaveIdentity:
@@ -34,6 +40,7 @@ class InlineEnclave:
     platform: SimulatedPlatform
     identity: EnclaveIdentity
     artifacts: list[tuple[str, int, str]] = field(default_factory=list)  # name, version, sha256
+    policy: EnclavePolicy = field(default_factory=EnclavePolicy)  # the image's own policy
     _key: x25519.X25519PrivateKey | None = None
 
     @classmethod
@@ -41,14 +48,16 @@ class InlineEnclave:
         return cls(SimulatedPlatform(bundle), identity)
 
     def evidence(self, nonce: bytes | None = None) -> bytes:
-        """Signed evidence answering `nonce` (or with the device's own nonce), for a new
-        ephemeral enclave key."""
-        self._key = x25519.X25519PrivateKey.generate()
+        """Signed evidence answering `nonce` (or with the device's own nonce), binding this
+        enclave instance's key (made once per launch, as the enclave runtime does)."""
+        if self._key is None:
+            self._key = x25519.X25519PrivateKey.generate()
         public = self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         nonce = secrets.token_bytes(32) if nonce is None else nonce
         report = self.platform.handle(
             self.identity, {"op": "report", "report_data": key_binding(public, nonce)}
         )
+        self._local_attestation(report["body"], report["mac"])
         quote = self.platform.handle(
             self.identity,
             {
@@ -65,6 +74,13 @@ class InlineEnclave:
         token: bytes = quote["token"]
         return token
 
+    def _local_attestation(self, body: bytes, mac: bytes) -> None:
+        """The enclave's own check of its platform, as the enclave runtime makes it."""
+        key = self.platform.handle(self.identity, {"op": "report_key"})["key"]
+        problems = platform_problems(verify_report(key, body, mac), self.policy)
+        if problems:
+            raise LocalAttestationFailed("; ".join(problems))
+
     def unwrap(self, wrapped: bytes, key_id: str, aad: bytes) -> keywrap.Lease:
         """Open a released key with the ephemeral key of the last evidence; the key bytes are
         wiped at once (the simulator only needs to know it could)."""
@@ -73,3 +89,25 @@ class InlineEnclave:
         key, lease = keywrap.unwrap_key(self._key, wrapped, key_id=key_id, aad=aad)
         key[:] = bytes(len(key))
         return lease
+
+    def open_artifact(
+        self, path: Path, wrapped: bytes, key_id: str, aad: bytes, signer: VerifyKey
+    ) -> None:
+        """Open a sealed artifact with a released key, as the enclave loads one: the manifest's
+        signer checked, every chunk authenticated, the plaintext wiped once done. The artifact is
+        then claimed in the next evidence. StrongroomError if anything does not check out."""
+        if self._key is None:
+            raise IntegrityError("no evidence was made, so no key can be opened")
+        key, _lease = keywrap.unwrap_key(self._key, wrapped, key_id=key_id, aad=aad)
+        plaintext = bytearray()
+        try:
+            with path.open("rb") as f:
+                signed = artifact.read_manifest(f)
+                manifest = signed.verify(signer)
+                plaintext = bytearray(manifest.size)
+                for _chunk in artifact.open_stream(f, signed, key, into=plaintext):
+                    pass
+        finally:
+            key[:] = bytes(len(key))
+            plaintext[:] = bytes(len(plaintext))
+        self.artifacts.append((manifest.name, manifest.version, manifest.sha256))

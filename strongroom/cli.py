@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from agent import cli as agent_cli
+from device_sim import cli as sim_cli
 from provisioning import cli as provisioning_cli
 from strongroom import __version__, logs
 from strongroom.errors import EnvironmentFault, InputError, StrongroomError
 from verifier import cli as verifier_cli
+from verifier.dashboard import cli as dashboard_cli
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -35,6 +37,7 @@ ROLE_GROUPS = (
     ("verifier", "the fleet verifier and key broker"),
     ("agent", "the on-device agent daemon and its local API"),
     ("audit", "the verifier's hash-chained audit log"),
+    ("sim", "simulated fleets, healthy and attacked, with a scorecard"),
 )
 
 
@@ -57,17 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     }
     p = roles.add_parser("demo", help="a small fleet end to end, in under a minute")
     p.add_argument("--clean", action="store_true", help="delete the demo's files afterwards")
+    p.add_argument(
+        "--stay",
+        action="store_true",
+        help="keep the fleet and its dashboard running after the story, until Ctrl-C",
+    )
     p.set_defaults(handler=_demo)
+    dashboard_cli.register(roles)
     provisioning_cli.register(groups)
     agent_cli.register(groups)
     verifier_cli.register(groups)
+    sim_cli.register(groups)
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
     from device_sim.demo import run_demo  # noqa: PLC0415 - fleet-side imports, only for the demo
 
-    return run_demo(keep=not args.clean)
+    return run_demo(keep=not args.clean, stay=args.stay)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

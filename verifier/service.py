@@ -310,12 +310,13 @@ class Verifier:
                 details={"freshness": "stale"},
             )
             token = sign_result(result, self._result_key)
-            self.store.save_result(device_id, "none", token, self.clock())
             try:
                 topic = topics.device_topic(device_id, topics.RESULT)
                 self.mqtt.publish(topic, token, retain=True)
-            except MqttError as e:
+            except MqttError as e:  # not saved either: the next round tries again
                 log.warning("stale_result_not_published", device=device_id, reason=str(e))
+                continue
+            self.store.save_result(device_id, "none", token, self.clock())
             self.alert("warning", device_id, result.reasons[0])
 
     def handle_key_request(self, device_id: str, payload: bytes) -> None:

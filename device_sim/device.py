@@ -1,0 +1,377 @@
+"""One virtual device: its MQTT connection (aiomqtt, many per event loop), its attester, and the
+behaviour of its scenario. It records what it did and saw in a `DeviceReport`; the scorecard
+judges it together with what the fleet's alerts say."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shutil
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import cbor2
+
+from agent.enclave_app import sealing
+from agent.platform_service import SimulatedPlatform
+from device_sim.attesters import Attester, InlineAttester, ProcessAttester
+from device_sim.inline import InlineEnclave, image_identity
+from device_sim.kit import Kit
+from strongroom import bundle, cose, messages, topics
+from strongroom.commands import verify_command
+from strongroom.ear import verify_result
+from strongroom.errors import StrongroomError
+from strongroom.evidence import SR_SEQ
+from strongroom.signing import SigningKey
+
+FORGED_MARK = "forged-by-simulator"
+IMAGE = {"rollback-svn": "old_image", "tampered-image": "attacker_image"}
+ARTIFACT = {"tampered-artifact": "tampered_model", "rollback-artifact": "old_model"}
+
+
+@dataclass
+class DeviceReport:
+    device_id: str
+    scenario: str
+    enclave: str
+    sent: dict[int, float] = field(default_factory=dict)  # honest evidence: seq -> publish time
+    results: list[tuple[float, str, int, str]] = field(default_factory=list)  # t, status, seq, why
+    revoked_at: float | None = None
+    keys_opened: int = 0
+    keys_refused: list[str] = field(default_factory=list)
+    local_refusals: list[tuple[float, str]] = field(default_factory=list)
+    denied: list[str] = field(default_factory=list)
+    attack_at: float | None = None
+    offline: list[tuple[float, float]] = field(default_factory=list)  # (from, to)
+    errors: list[str] = field(default_factory=list)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        doc = dict(self.__dict__)
+        doc["sent"] = {str(k): v for k, v in self.sent.items()}
+        return doc
+
+    @classmethod
+    def from_json_dict(cls, doc: dict[str, Any]) -> DeviceReport:
+        doc = dict(doc)
+        doc["sent"] = {int(k): v for k, v in doc["sent"].items()}
+        doc["results"] = [tuple(r) for r in doc["results"]]
+        doc["local_refusals"] = [tuple(r) for r in doc["local_refusals"]]
+        doc["offline"] = [tuple(r) for r in doc["offline"]]
+        return cls(**doc)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device_id: str
+    scenario: str
+    enclave: str  # "inline" | "process"
+    host: str
+    port: int
+    interval_s: float
+    grace_s: float
+    victim: str  # a healthy device, for cross-topic and stolen-sealed-keys
+
+
+def _tls_files(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _tls(bundle_dir: Path) -> ssl.SSLContext:
+    return _tls_files(
+        bundle_dir / bundle.TLS_CA_FILE,
+        bundle_dir / bundle.TLS_CERT_FILE,
+        bundle_dir / bundle.TLS_KEY_FILE,
+    )
+
+
+def evidence_seq(token: bytes) -> int:
+    """The sequence number a token claims (unverified: the device's own evidence)."""
+    return int(cbor2.loads(cose.parse(token, "evidence").payload)[SR_SEQ])
+
+
+class VirtualDevice:
+    def __init__(self, kit: Kit, spec: DeviceSpec, stop: asyncio.Event) -> None:
+        self.kit, self.spec, self.stop = kit, spec, stop
+        self.id = spec.device_id
+        self.bundle = kit.bundle(self.id)
+        self.report = DeviceReport(self.id, spec.scenario, spec.enclave)
+        self.verifier_key = kit.home.result_verify_key()
+        self.artifact = getattr(kit, ARTIFACT.get(spec.scenario, "model"))
+        self.key_id = ""
+        self.affirmed = asyncio.Event()
+        self.captured: bytes | None = None
+        self.client: aiomqtt.Client | None = None
+        self.attester = self._attester()
+
+    def _attester(self) -> Attester:
+        image = getattr(self.kit, IMAGE.get(self.spec.scenario, "image"))
+        if self.spec.enclave == "process" and self.spec.scenario not in ("clone",):
+            state = self.kit.root / "state" / self.id
+            shutil.rmtree(state, ignore_errors=True)
+            state.mkdir(parents=True, mode=0o700)
+            return ProcessAttester(self.bundle, image, state)
+        return InlineAttester(self.bundle, image, self.kit.home.verify_key("artifact"))
+
+    def _topic(self, leaf: str, device: str | None = None) -> str:
+        return topics.device_topic(device or self.id, leaf)
+
+    # -- life ---------------------------------------------------------------------------------
+
+    async def run(self) -> DeviceReport:
+        try:
+            await self.attester.start()
+        except StrongroomError as e:
+            self.report.local_refusals.append((time.time(), str(e)[:200]))
+            return self.report
+        try:
+            await self._behave()
+        finally:
+            await self.attester.stop()
+        return self.report
+
+    async def _behave(self) -> None:
+        s = self.spec.scenario
+        if s == "offline":
+            await self._online_for(self._until(self.spec.interval_s * 2))
+            await self._away(self.spec.grace_s / 2)  # within the grace: not stale
+            await self._online_for(self._until(self.spec.interval_s * 2))
+            await self._away(self.spec.interval_s * 2 + self.spec.grace_s + 2)  # beyond it
+            await self._online_for(self._stopped())
+            return
+        await self._online_for(self._stopped(), attack=ATTACKS.get(s))
+
+    def _until(self, seconds: float) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(asyncio.wait_for(self.stop.wait(), seconds))
+
+    def _stopped(self) -> asyncio.Future[Any]:
+        return asyncio.ensure_future(self.stop.wait())
+
+    async def _away(self, seconds: float) -> None:
+        start = time.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+        self.report.offline.append((start, time.time()))
+
+    async def _online_for(self, until: asyncio.Future[Any], attack: Any = None) -> None:
+        """Connected (reconnecting after broker faults) until `until` completes."""
+        while not until.done():
+            try:
+                async with aiomqtt.Client(
+                    "localhost",
+                    self.spec.port,
+                    identifier=self.id,
+                    tls_context=_tls(self.bundle),
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    keepalive=30,
+                    timeout=20,
+                ) as client:
+                    self.client = client
+                    await self._session(client, until, attack)
+                    attack = None  # once
+            except aiomqtt.MqttError as e:
+                self.client = None
+                self.report.errors.append(f"mqtt: {e}"[:200])
+                await asyncio.sleep(0.5 + random.random())  # noqa: S311 - back-off jitter
+            except StrongroomError as e:
+                self.report.local_refusals.append((time.time(), str(e)[:200]))
+                await asyncio.wait([until])
+        until.cancel()
+        self.client = None
+
+    async def _session(
+        self, client: aiomqtt.Client, until: asyncio.Future[Any], attack: Any
+    ) -> None:
+        for leaf in (topics.CHALLENGE, topics.KEYS_RESPONSE, topics.COMMAND, topics.RESULT):
+            await client.subscribe(self._topic(leaf), qos=1)
+        status = messages.Status("online", time.time()).encode()
+        await client.publish(self._topic(topics.STATUS), status, qos=1, retain=True)
+        tasks = [
+            asyncio.ensure_future(self._receive(client)),
+            asyncio.ensure_future(self._periodic()),
+        ]
+        if attack is not None:
+            tasks.append(asyncio.ensure_future(attack(self)))
+        try:
+            done, _ = await asyncio.wait([until, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not until and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            for task in tasks:
+                task.cancel()
+        if self.spec.scenario == "offline" and not self.stop.is_set():
+            return  # dropping off: no goodbye
+        offline = messages.Status("offline", time.time()).encode()
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(self._topic(topics.STATUS), offline, qos=1, retain=True)
+
+    async def _periodic(self) -> None:
+        await asyncio.sleep(random.uniform(0, self.spec.interval_s))  # noqa: S311 - spread load
+        while True:
+            await self.send_evidence()
+            await asyncio.sleep(self.spec.interval_s)
+
+    async def send_evidence(self, nonce: bytes | None = None) -> bytes:
+        token = await self.attester.evidence(nonce)
+        assert self.client is not None  # noqa: S101 - only called while connected
+        self.report.sent[evidence_seq(token)] = time.time()
+        await self.client.publish(self._topic(topics.EVIDENCE), token, qos=1)
+        self.captured = self.captured or token
+        return token
+
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        async for msg in client.messages:
+            _device, leaf = topics.parse(str(msg.topic))
+            payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+            try:
+                await self._on(leaf, payload)
+            except StrongroomError as e:
+                self.report.local_refusals.append((time.time(), str(e)[:200]))
+
+    async def _on(self, leaf: str, payload: bytes) -> None:
+        if leaf == topics.RESULT and payload:
+            r = verify_result(payload, self.verifier_key)
+            why = "; ".join(r.reasons)[:200]
+            self.report.results.append((time.time(), r.status, int(r.details.get("seq", 0)), why))
+            if r.status == "affirming" and r.details.get("seq") in self.report.sent:
+                self.affirmed.set()  # answering our own evidence (not a retained old result)
+        elif leaf == topics.CHALLENGE:
+            challenge = messages.Challenge.decode(payload)
+            if not self.key_id and self.report.keys_opened == 0 and not self.report.keys_refused:
+                await self._request_keys(challenge.nonce)
+            else:
+                await self.send_evidence(challenge.nonce)
+        elif leaf == topics.KEYS_RESPONSE:
+            await self._on_keys(messages.KeyResponse.decode(payload))
+        elif leaf == topics.COMMAND and payload:
+            verify_command(payload, self.verifier_key)
+            self.report.revoked_at = self.report.revoked_at or time.time()
+
+    async def _request_keys(self, nonce: bytes) -> None:
+        from strongroom.artifact import read_manifest  # noqa: PLC0415
+
+        with self.artifact.open("rb") as f:
+            self.key_id = read_manifest(f).manifest.key_id
+        token = await self.attester.evidence(nonce)
+        assert self.client is not None  # noqa: S101 - only called while connected
+        self.report.sent[evidence_seq(token)] = time.time()
+        self.captured = self.captured or token
+        request = messages.KeyRequest(token, (self.key_id,)).encode()
+        await self.client.publish(self._topic(topics.KEYS_REQUEST), request, qos=1)
+
+    async def _on_keys(self, response: messages.KeyResponse) -> None:
+        for key in response.keys:
+            try:
+                await self.attester.open_artifact(self.artifact, key.key_id, key.wrapped, key.aad)
+                self.report.keys_opened += 1
+            except StrongroomError as e:
+                self.report.local_refusals.append((time.time(), f"artifact: {e}"[:200]))
+        self.report.keys_refused += [f"{k}: {why}"[:200] for k, why in response.refused]
+
+
+# -- attacks: run once connected, alongside the normal behaviour -------------------------------
+
+
+async def _after_first_result(device: VirtualDevice) -> None:
+    await asyncio.wait_for(device.affirmed.wait(), 60)
+    device.report.attack_at = time.time()
+
+
+async def _replay(device: VirtualDevice) -> None:
+    await _after_first_result(device)
+    first = max(device.report.sent)
+    while not any(seq > first for _t, _s, seq, _w in device.report.results):
+        await asyncio.sleep(0.2)  # a newer evidence accepted: the captured one is now old
+    assert device.client is not None and device.captured is not None  # noqa: S101
+    await device.client.publish(device._topic(topics.EVIDENCE), device.captured, qos=1)
+
+
+async def _impersonate(device: VirtualDevice) -> None:
+    await _after_first_result(device)
+    assert device.client is not None and device.captured is not None  # noqa: S101
+    claims = cbor2.loads(cose.parse(device.captured, "evidence").payload)
+    claims[SR_SEQ] += 1000
+    forged = cose.sign(claims, SigningKey.generate(), device.id.encode())
+    await device.client.publish(device._topic(topics.EVIDENCE), forged, qos=1)
+
+
+async def _clone(device: VirtualDevice) -> None:
+    await _after_first_result(device)
+    assert device.client is not None  # noqa: S101
+    copy = device.kit.root / "state" / f"{device.id}-clone"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(device.bundle, copy)
+    (copy / bundle.ROOT_SECRET_FILE).write_bytes(os.urandom(bundle.ROOT_SECRET_SIZE))
+    (copy / bundle.PLATFORM_DIR / "counters.json").unlink(
+        missing_ok=True
+    )  # MAC'd by the old secret
+    clone = InlineEnclave.load(copy, image_identity(device.kit.image.read_bytes()))
+    token = clone.evidence()
+    await device.client.publish(device._topic(topics.EVIDENCE), token, qos=1)
+
+
+async def _stolen_sealed_keys(device: VirtualDevice) -> None:
+    await _after_first_result(device)
+    identity = image_identity(device.kit.image.read_bytes())
+
+    def seal_key_of(platform: SimulatedPlatform) -> sealing.SealKeyFn:
+        def seal_key(policy: str, svn: int, key_id: bytes) -> bytes:
+            msg = {"op": "seal_key", "policy": policy, "svn": svn, "key_id": key_id}
+            reply = platform.handle(identity, msg)
+            if reply.get("op") != "key":
+                raise sealing.SealError(str(reply.get("reason")))
+            key: bytes = reply["key"]
+            return key
+
+        return seal_key
+
+    victim = SimulatedPlatform(device.kit.bundle(device.spec.victim))
+    header = sealing.SealedHeader(
+        "signer", identity.svn, os.urandom(32), "sim-model", 2, "k", 0, time.time() + 60
+    )
+    blob = sealing.seal(seal_key_of(victim), header, os.urandom(32))
+    try:
+        sealing.unseal(seal_key_of(SimulatedPlatform(device.bundle)), blob)
+    except sealing.SealError as e:
+        device.report.local_refusals.append((time.time(), f"unseal: {e}"))
+
+
+async def _cross_topic(device: VirtualDevice) -> None:
+    await _after_first_result(device)
+    client = device.client
+    assert client is not None  # noqa: S101
+    victim = device.spec.victim
+    codes = await client.subscribe(device._topic(topics.KEYS_RESPONSE, victim), qos=1)
+    if all(getattr(c, "value", c) >= 0x80 for c in codes):
+        device.report.denied.append("subscribe to another device's key responses refused")
+    # the scorecard counts it denied only if the fleet never saw this forged status
+    device.report.denied.append("publish on another device's status topic attempted")
+    forged = messages.Status("revoked", time.time(), FORGED_MARK).encode()
+    await client.publish(device._topic(topics.STATUS, victim), forged, qos=1)
+    await client.publish(device._topic(topics.EVIDENCE, victim), device.captured or b"x", qos=1)
+
+
+async def _malformed(device: VirtualDevice) -> None:
+    await _after_first_result(device)
+    client = device.client
+    assert client is not None and device.captured is not None  # noqa: S101
+    for payload in (os.urandom(300), device.captured[:-17], os.urandom(20_000)):
+        await client.publish(device._topic(topics.EVIDENCE), payload, qos=1)
+
+
+ATTACKS = {
+    "replay": _replay,
+    "impersonate": _impersonate,
+    "clone": _clone,
+    "stolen-sealed-keys": _stolen_sealed_keys,
+    "cross-topic": _cross_topic,
+    "malformed": _malformed,
+}

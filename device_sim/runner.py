@@ -1,0 +1,329 @@
+"""`strongroom sim run`: start (or use) a broker and a verifier, run the virtual devices in worker
+processes (one asyncio loop each), watch the fleet with a read-only identity, restart the broker
+mid-run when asked, and write the scorecard. Ctrl-C stops early with a partial report."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from device_sim import scenarios as sc
+from device_sim.device import DeviceReport, DeviceSpec, VirtualDevice, _tls_files
+from device_sim.kit import Kit, enroll, open_kit, plan_fleet
+from device_sim.scorecard import FleetLog, scorecard, table
+from provisioning.broker import find_mosquitto, write_broker_config
+from strongroom import messages, topics
+from strongroom.ear import verify_result
+from strongroom.errors import EnvironmentFault, StrongroomError
+from strongroom.fsutil import write_atomic
+
+log = structlog.get_logger()
+OBSERVER_INSTANCE = 8  # the read-only identity `_dashboard-8` is the simulator's
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    home: Path
+    devices: int
+    scenarios: tuple[str, ...]
+    duration_s: float
+    report: Path
+    enclave: str  # "inline" | "process"
+    broker_url: str | None = None  # None: start our own broker and verifier
+    interval_s: int = 30
+    grace_s: int = 5
+    workers: int = 1
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to its hard limit (thousands of connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Services:
+    """The broker and verifier the simulator runs for its home."""
+
+    def __init__(self, kit: Kit, logdir: Path) -> None:
+        self.kit, self.logdir = kit, logdir
+        self.port = _free_port()
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.verifier: subprocess.Popen[bytes] | None = None
+
+    def start_broker(self) -> None:
+        files = write_broker_config(self.kit.home, port=self.port)
+        out = (self.logdir / "broker.log").open("ab")
+        self.broker = subprocess.Popen(
+            [find_mosquitto(), "-c", str(files.config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            preexec_fn=raise_fd_limit,  # noqa: PLW1509 - no threads yet in the child
+        )
+        _wait_port(self.port, 20)
+
+    def stop_broker(self) -> None:
+        if self.broker is not None:
+            self.broker.send_signal(signal.SIGTERM)
+            self.broker.wait(15)
+            self.broker = None
+
+    def start_verifier(self) -> None:
+        out = (self.logdir / "verifier.log").open("ab")
+        argv = [sys.executable, "-m", "strongroom.cli", "--log-level", "warning", "verifier", "run"]
+        argv += ["--home", str(self.kit.home.root), "--broker", f"mqtts://localhost:{self.port}"]
+        self.verifier = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        time.sleep(2.0)  # connected and subscribed (it logs only warnings here)
+
+    def stop(self) -> None:
+        if self.verifier is not None:
+            self.verifier.send_signal(signal.SIGTERM)
+            self.verifier.wait(15)
+        self.stop_broker()
+
+
+def _wait_port(port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise EnvironmentFault(f"the broker did not listen on port {port}", hint="see broker.log")
+
+
+# -- workers -----------------------------------------------------------------------------------
+
+
+def _worker(home: str, specs: list[DeviceSpec], ramp_s: float, stop: Any, out: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    raise_fd_limit()
+    reports = asyncio.run(_run_devices(Path(home), specs, ramp_s, stop))
+    out.put([r.to_json_dict() for r in reports])
+
+
+async def _run_devices(
+    home: Path, specs: list[DeviceSpec], ramp_s: float, stop: Any
+) -> list[DeviceReport]:
+    kit = open_kit(home, interval_s=0, grace_s=0)
+    stopped = asyncio.Event()
+    devices = [VirtualDevice(kit, spec, stopped) for spec in specs]
+
+    async def watch_stop() -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.2)
+        stopped.set()
+
+    async def start(i: int, device: VirtualDevice) -> DeviceReport:
+        await asyncio.sleep(ramp_s * i / max(1, len(devices)))
+        return await device.run()
+
+    watcher = asyncio.ensure_future(watch_stop())
+    outcomes = await asyncio.gather(
+        *(start(i, d) for i, d in enumerate(devices)), return_exceptions=True
+    )
+    watcher.cancel()
+    reports = []
+    for device, outcome in zip(devices, outcomes, strict=True):
+        if isinstance(outcome, BaseException):
+            device.report.errors.append(f"{type(outcome).__name__}: {outcome}"[:300])
+        reports.append(device.report)
+    return reports
+
+
+# -- the observer --------------------------------------------------------------------------------
+
+
+async def _observe(kit: Kit, port: int, fleet: FleetLog, stop: asyncio.Event) -> None:
+    cn, cert, key = kit.home.dashboard_identity(OBSERVER_INSTANCE)
+    verifier_key = kit.home.result_verify_key()
+    while not stop.is_set():
+        try:
+            async with aiomqtt.Client(
+                "localhost",
+                port,
+                identifier=cn,
+                tls_context=_tls_files(kit.home.ca_cert, cert, key),
+                protocol=aiomqtt.ProtocolVersion.V5,
+            ) as client:
+                for topic in (
+                    topics.any_device(topics.RESULT),
+                    topics.any_device(topics.STATUS),
+                    topics.ALERTS,
+                ):
+                    await client.subscribe(topic, qos=1)
+                async for msg in client.messages:
+                    if msg.retain:
+                        continue  # state from before this run
+                    payload = msg.payload if isinstance(msg.payload, bytes) else b""
+                    _observed(fleet, str(msg.topic), payload, verifier_key)
+        except aiomqtt.MqttError:
+            await asyncio.sleep(0.5)
+
+
+def _observed(fleet: FleetLog, topic: str, payload: bytes, verifier_key: Any) -> None:
+    now = time.time()
+    try:
+        if topic == topics.ALERTS:
+            alert = messages.Alert.decode(payload)
+            fleet.alert(alert.device_id, now, alert.reason)
+            return
+        device, leaf = topics.parse(topic)
+        if leaf == topics.RESULT and payload:
+            r = verify_result(payload, verifier_key)
+            fleet.result(device, now, r.status, "; ".join(r.reasons))
+        elif leaf == topics.STATUS and payload:
+            fleet.status(device, messages.Status.decode(payload).report)
+    except StrongroomError:
+        pass  # the scorecard only counts what verifies
+
+
+async def _drive(  # noqa: PLR0917 - the run's parts, passed once
+    config: SimConfig,
+    kit: Kit,
+    services: Services,
+    specs: list[DeviceSpec],
+    fleet: FleetLog,
+    names: tuple[str, ...],
+    out: Any,
+) -> tuple[list[DeviceReport], bool]:
+    port = specs[0].port
+    stop_observer = asyncio.Event()
+    observer = asyncio.ensure_future(_observe(kit, port, fleet, stop_observer))
+    await asyncio.sleep(1.0)
+    ctx = mp.get_context("spawn")
+    stop, queue = ctx.Event(), ctx.Queue()
+    ramp = min(30.0, len(specs) / 200)  # TLS handshakes spread over the first seconds
+    chunks = [specs[i :: config.workers] for i in range(config.workers)]
+    procs = [
+        ctx.Process(target=_worker, args=(str(config.home), chunk, ramp, stop, queue))
+        for chunk in chunks
+        if chunk
+    ]
+    for p in procs:
+        p.start()
+    ctrl_c = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, ctrl_c.set)
+    started, restarted, last_note = time.time(), False, 0.0
+    total = config.duration_s + ramp
+    try:
+        while (elapsed := time.time() - started) < total and not ctrl_c.is_set():
+            if "broker-restart" in names and not restarted and elapsed >= total * 0.7:
+                services.stop_broker()
+                await asyncio.sleep(1.0)
+                services.start_broker()
+                fleet.broker_restarted_at = time.time()
+                restarted = True
+            if elapsed - last_note >= 5 or last_note == 0:
+                seen = sum(len(v) for v in fleet.results.values())
+                bar = "#" * int(30 * elapsed / total)
+                print(
+                    f"[{bar:30}] {elapsed:5.0f}/{total:.0f} s, {seen} results", file=out, flush=True
+                )
+                last_note = elapsed
+            await asyncio.sleep(0.25)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    interrupted = ctrl_c.is_set()
+    if interrupted:
+        print("interrupted: stopping the devices for a partial report", file=out)
+    fleet.ended_at = time.time()
+    stop.set()
+    reports: list[DeviceReport] = []
+    for _ in procs:
+        docs = await asyncio.to_thread(queue.get, True, 300)
+        reports += [DeviceReport.from_json_dict(d) for d in docs]
+    for p in procs:
+        await asyncio.to_thread(p.join, 30)
+    await asyncio.sleep(1.0)  # the last results reach the observer
+    stop_observer.set()
+    observer.cancel()
+    return reports, interrupted
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+
+def run(config: SimConfig, out: Any = sys.stdout) -> int:
+    names = config.scenarios
+    notes: list[str] = []
+    if config.broker_url is not None and "broker-restart" in names:
+        names = tuple(n for n in names if n != "broker-restart")
+        notes.append("broker-restart skipped: the broker is not the simulator's (--broker)")
+    kit = open_kit(config.home, interval_s=config.interval_s, grace_s=config.grace_s)
+    policy = kit.home.load_policy()
+    plan = plan_fleet(sc.shares(config.devices, names))
+    enroll(kit, plan)
+    logdir = kit.root / "logs"
+    logdir.mkdir(exist_ok=True)
+    raise_fd_limit()
+    services = Services(kit, logdir)
+    if config.broker_url is None:
+        services.start_broker()
+        services.start_verifier()
+        port = services.port
+    else:
+        port = int(config.broker_url.rsplit(":", 1)[1])
+    victim = next(d for d, s in plan.items() if s == "healthy")
+    specs = [
+        DeviceSpec(
+            d,
+            s,
+            config.enclave,
+            "localhost",
+            port,
+            float(config.interval_s),
+            float(policy.offline_grace_s),
+            victim,
+        )
+        for d, s in plan.items()
+    ]
+    fleet = FleetLog()
+    try:
+        reports, interrupted = asyncio.run(_drive(config, kit, services, specs, fleet, names, out))
+    finally:
+        services.stop()
+    meta = {
+        "devices": len(specs),
+        "enclave": config.enclave,
+        "inline_in_process_mode": ["clone"] if config.enclave == "process" else [],
+        "duration_s": config.duration_s,
+        "broker": config.broker_url or "own Mosquitto (restarted mid-run)"
+        if "broker-restart" in names
+        else config.broker_url or "own Mosquitto",
+        "policy": {
+            "interval_s": policy.attestation_interval_s,
+            "offline_grace_s": policy.offline_grace_s,
+        },
+        "interrupted": interrupted,
+        "notes": notes,
+    }
+    card = scorecard(reports, fleet, meta)
+    write_atomic(config.report, json.dumps(card, indent=2).encode(), 0o644)
+    details = config.report.with_name(config.report.name + ".devices.jsonl")
+    lines = [json.dumps(r.to_json_dict()) for r in reports]
+    write_atomic(details, ("\n".join(lines) + "\n").encode(), 0o644)
+    print(table(card), file=out)
+    print(f"scorecard written to {config.report}", file=out)
+    return 0 if card["passed"] and not interrupted else 1
