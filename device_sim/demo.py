@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from agent.enclave_source import write_enclave_source
+from device_sim.ports import free_port, wait_listening
 from provisioning.broker import find_mosquitto, write_broker_config
 from provisioning.build import build_enclave
 from provisioning.enroll import enroll_device
@@ -45,14 +46,6 @@ DEVICES: dict[str, tuple[str, bool]] = {
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "strongroom.cli", *args]
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415 - only here
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Demo:
@@ -114,7 +107,7 @@ class Demo:
         return home
 
     def start_broker(self, home: FleetHome) -> int:
-        port = _free_port()
+        port = free_port()
         try:
             files = write_broker_config(home, port=port)
             self.spawn("broker", [find_mosquitto(), "-c", str(files.config)])
@@ -126,13 +119,13 @@ class Demo:
             )
             self.mqtt = ["--mqtt", "3.1.1"]
             kind = "the embedded broker (Mosquitto is not installed; MQTT 3.1.1)"
-        _wait(lambda: _listening(port), 20, "the broker")
+        wait_listening(port, 20, "the broker")
         self.say(f"  broker: {kind} on port {port}")
         return port
 
     def start_dashboard(self, home: FleetHome, url: str) -> int:
         """The web dashboard (its own read-only identity, `_dashboard-1`); returns its port."""
-        port = _free_port()
+        port = free_port()
         self.spawn(
             "dashboard",
             _cli(
@@ -232,7 +225,7 @@ class Demo:
             "  verifier and key broker running; watching results with the read-only "
             "dashboard identity"
         )
-        _wait(lambda: _listening(dashboard_port), 20, "the dashboard")
+        wait_listening(dashboard_port, 20, "the dashboard")
         self.say(f"  dashboard: {dashboard}  (open it now: trust changes show live)")
         self.say(f"  operator token for its actions: {home.operator_token_path}")
         self.say("\n3. Devices start their agents (trust status as it changes)")
@@ -341,13 +334,6 @@ class Demo:
         self.say(
             "\nstopped cleanly" + (f"; everything is kept in {self.root}" if self.keep else "")
         )
-
-
-def _listening(port: int) -> bool:
-    import socket  # noqa: PLC0415 - only here
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> None:

@@ -24,6 +24,7 @@ from device_sim.attesters import Attester, InlineAttester, ProcessAttester
 from device_sim.inline import InlineEnclave, image_identity
 from device_sim.kit import Kit
 from strongroom import bundle, cose, messages, topics
+from strongroom.artifact import read_manifest
 from strongroom.commands import verify_command
 from strongroom.ear import verify_result
 from strongroom.errors import StrongroomError
@@ -113,7 +114,7 @@ class VirtualDevice:
 
     def _attester(self) -> Attester:
         image = getattr(self.kit, IMAGE.get(self.spec.scenario, "image"))
-        if self.spec.enclave == "process" and self.spec.scenario not in ("clone",):
+        if self.spec.enclave == "process":
             state = self.kit.root / "state" / self.id
             shutil.rmtree(state, ignore_errors=True)
             state.mkdir(parents=True, mode=0o700)
@@ -256,8 +257,6 @@ class VirtualDevice:
             self.report.revoked_at = self.report.revoked_at or time.time()
 
     async def _request_keys(self, nonce: bytes) -> None:
-        from strongroom.artifact import read_manifest  # noqa: PLC0415
-
         with self.artifact.open("rb") as f:
             self.key_id = read_manifest(f).manifest.key_id
         token = await self.attester.evidence(nonce)

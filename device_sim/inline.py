@@ -81,15 +81,6 @@ class InlineEnclave:
         if problems:
             raise LocalAttestationFailed("; ".join(problems))
 
-    def unwrap(self, wrapped: bytes, key_id: str, aad: bytes) -> keywrap.Lease:
-        """Open a released key with the ephemeral key of the last evidence; the key bytes are
-        wiped at once (the simulator only needs to know it could)."""
-        if self._key is None:
-            raise IntegrityError("no evidence was made, so no key can be opened")
-        key, lease = keywrap.unwrap_key(self._key, wrapped, key_id=key_id, aad=aad)
-        key[:] = bytes(len(key))
-        return lease
-
     def open_artifact(
         self, path: Path, wrapped: bytes, key_id: str, aad: bytes, signer: VerifyKey
     ) -> None:

@@ -78,19 +78,24 @@ def plan_fleet(counts: dict[str, int]) -> dict[str, str]:
     return plan
 
 
+def load_kit(home_dir: Path) -> Kit:
+    """The simulator's existing home at `home_dir`; InputError for any other directory."""
+    root = home_dir / "sim"
+    if not (root / MARKER).exists():
+        raise InputError(
+            f"{home_dir} is not a fleet home made by the simulator",
+            hint="give a new directory: the simulator sets up a fleet of its own there",
+        )
+    return Kit(open_home(home_dir), root)
+
+
 def open_kit(home_dir: Path, *, interval_s: int, grace_s: int) -> Kit:
     """The simulator's home at `home_dir`, created (with a policy for runs of minutes: attest
     every `interval_s`, stale after `grace_s` more) if the directory does not exist yet."""
-    root = home_dir / "sim"
     if home_dir.exists():
-        if not (root / MARKER).exists():
-            raise InputError(
-                f"{home_dir} is not a fleet home made by the simulator",
-                hint="give a new directory: the simulator sets up a fleet of its own there",
-            )
-        return Kit(open_home(home_dir), root)
+        return load_kit(home_dir)
     home = init_home(home_dir)
-    kit = Kit(home, root)
+    kit = Kit(home, home_dir / "sim")
     _prepare(kit, interval_s, grace_s)
     return kit
 

@@ -9,7 +9,6 @@ import json
 import multiprocessing as mp
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,12 +21,13 @@ import structlog
 
 from device_sim import scenarios as sc
 from device_sim.device import DeviceReport, DeviceSpec, VirtualDevice, _tls_files
-from device_sim.kit import Kit, enroll, open_kit, plan_fleet
+from device_sim.kit import Kit, enroll, load_kit, open_kit, plan_fleet
+from device_sim.ports import free_port, wait_listening
 from device_sim.scorecard import FleetLog, scorecard, table
 from provisioning.broker import find_mosquitto, write_broker_config
 from strongroom import messages, topics
 from strongroom.ear import verify_result
-from strongroom.errors import EnvironmentFault, StrongroomError
+from strongroom.errors import StrongroomError
 from strongroom.fsutil import write_atomic
 
 log = structlog.get_logger()
@@ -56,18 +56,12 @@ def raise_fd_limit() -> int:
     return hard
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Services:
     """The broker and verifier the simulator runs for its home."""
 
     def __init__(self, kit: Kit, logdir: Path) -> None:
         self.kit, self.logdir = kit, logdir
-        self.port = _free_port()
+        self.port = free_port()
         self.broker: subprocess.Popen[bytes] | None = None
         self.verifier: subprocess.Popen[bytes] | None = None
 
@@ -80,7 +74,7 @@ class Services:
             stderr=subprocess.STDOUT,
             preexec_fn=raise_fd_limit,  # noqa: PLW1509 - no threads yet in the child
         )
-        _wait_port(self.port, 20)
+        wait_listening(self.port, 20, "the broker")
 
     def stop_broker(self) -> None:
         if self.broker is not None:
@@ -102,16 +96,6 @@ class Services:
         self.stop_broker()
 
 
-def _wait_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise EnvironmentFault(f"the broker did not listen on port {port}", hint="see broker.log")
-
-
 # -- workers -----------------------------------------------------------------------------------
 
 
@@ -125,7 +109,7 @@ def _worker(home: str, specs: list[DeviceSpec], ramp_s: float, stop: Any, out: A
 async def _run_devices(
     home: Path, specs: list[DeviceSpec], ramp_s: float, stop: Any
 ) -> list[DeviceReport]:
-    kit = open_kit(home, interval_s=0, grace_s=0)
+    kit = load_kit(home)
     stopped = asyncio.Event()
     devices = [VirtualDevice(kit, spec, stopped) for spec in specs]
 
@@ -307,7 +291,11 @@ def run(config: SimConfig, out: Any = sys.stdout) -> int:
     meta = {
         "devices": len(specs),
         "enclave": config.enclave,
-        "inline_in_process_mode": ["clone"] if config.enclave == "process" else [],
+        # what runs on the simulator's own copy of the platform, whatever the enclave mode
+        "in_process_parts": {
+            "clone": "the copied bundle's evidence",
+            "stolen-sealed-keys": "sealing with one platform and unsealing with another",
+        },
         "duration_s": config.duration_s,
         "broker": config.broker_url or "own Mosquitto (restarted mid-run)"
         if "broker-restart" in names
