@@ -12,6 +12,7 @@ from provisioning.home import FleetHome, init_home
 from strongroom import cli
 from tests.enclave_env import DeviceEnv, make_env
 from tests.fleet import Fleet
+from tests.verifier_rig import Rig, make_rig
 
 # A small but realistic enclave: a package with a nested module and a data file.
 ENCLAVE_FILES: Mapping[str, bytes] = {
@@ -106,3 +107,9 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     f = Fleet(tmp_path)
     yield f
     f.stop()
+
+
+@pytest.fixture
+def rig(tmp_path: Path, fleet_home: FleetHome) -> Rig:
+    """A verifier on real evidence with an in-memory MQTT recorder (tests/verifier_rig.py)."""
+    return make_rig(tmp_path, fleet_home)

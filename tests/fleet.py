@@ -251,13 +251,17 @@ class Fleet:
         self.sockets = short_socket_dir()
         self.observer: Observer | None = None
 
-    def start(self, *, challenge_interval: float | None = None) -> Fleet:
+    def start(
+        self, *, challenge_interval: float | None = None, verifier_args: tuple[str, ...] = ()
+    ) -> Fleet:
         self.broker.start()
-        self.start_verifier(challenge_interval=challenge_interval)
+        self.start_verifier(challenge_interval=challenge_interval, extra=verifier_args)
         self.observer = Observer(self.home, self.broker.port, self.protocol).start()
         return self
 
-    def start_verifier(self, *, challenge_interval: float | None = None) -> None:
+    def start_verifier(
+        self, *, challenge_interval: float | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         argv = cli(
             "verifier",
             "run",
@@ -266,6 +270,7 @@ class Fleet:
             "--broker",
             self.broker.url,
             *self.mqtt,
+            *extra,
         )
         if challenge_interval:
             argv += ["--challenge-interval", str(challenge_interval)]

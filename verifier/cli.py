@@ -71,6 +71,9 @@ def _verifier_run(args: argparse.Namespace) -> int:
         mqtt,
     )
     stop = stop_event()
+    if args.metrics_port is not None:
+        verifier.metrics.serve(args.metrics_port, args.metrics_bind)
+        log.info("metrics_serving", url=f"http://{args.metrics_bind}:{args.metrics_port}/metrics")
     mqtt.start()
     log.info("verifier_started", broker=args.broker, devices=len(verifier.devices))
     try:
@@ -179,6 +182,10 @@ def register(groups: dict[str, Any]) -> None:
         help="1-8: this process's own MQTT identity, to run several verifiers",
     )
     p.add_argument("--shared", action="store_true", help="join the $share/verifiers group")
+    p.add_argument(
+        "--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port"
+    )
+    p.add_argument("--metrics-bind", default="127.0.0.1", help="address for the metrics")
     add_mqtt_version(p)
     p.add_argument("--challenge-interval", type=float, help=argparse.SUPPRESS)
     p.set_defaults(handler=_verifier_run)

@@ -33,6 +33,7 @@ from strongroom.policy import FleetPolicy
 from strongroom.signing import SigningKey
 from verifier.appraisal import appraise
 from verifier.audit import AuditLog
+from verifier.metrics import VerifierMetrics
 from verifier.operator import audit_path, claim_requests, requests_dir
 from verifier.release import refusal
 from verifier.store import Candidate, Freshness, StateStore, StoredResult
@@ -89,6 +90,7 @@ class Verifier:
         self._revoked_at: dict[str, float] = {}
         self._stamp: tuple[int, int] = (0, 0)
         self._requests_stamp = 0
+        self.metrics = VerifierMetrics(self.counts, mqtt.inbox.qsize)
         self.reload()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -405,6 +407,7 @@ class Verifier:
                 if leaf == topics.KEYS_REQUEST:
                     self._count("key_requests")
                     self.handle_key_request(device_id, msg.payload)
+                    self._observe_latency(msg)
                 elif leaf == topics.STATUS and msg.payload:  # empty: a cleared retained message
                     self.handle_status(device_id, msg.payload)
             except StrongroomError as e:
@@ -420,6 +423,12 @@ class Verifier:
         for (msg, _device_id), outcome in zip(evidence, outcomes, strict=True):
             if isinstance(outcome, StrongroomError):
                 self._rejected(msg, outcome)
+            else:
+                self._observe_latency(msg)
+
+    def _observe_latency(self, msg: Inbound) -> None:
+        if msg.received:  # set by the MQTT adapter when the message arrived
+            self.metrics.latency.observe(time.monotonic() - msg.received)
 
     def _rejected(self, msg: Inbound, error: StrongroomError) -> None:
         self._count("rejected")

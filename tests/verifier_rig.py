@@ -1,0 +1,68 @@
+"""A verifier with real evidence, store and crypto, whose MQTT adapter is an in-memory recorder
+(our own seam): the `rig` fixture of tests/conftest.py."""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.enclave_source import write_enclave_source
+from device_sim.inline import InlineEnclave, image_identity
+from provisioning.build import build_enclave
+from provisioning.enroll import enroll_device
+from provisioning.home import FleetHome
+from strongroom import topics
+from strongroom.ear import verify_result
+from strongroom.mqtt import Inbound
+from verifier.service import Verifier, VerifierConfig
+from verifier.store_sqlite import SqliteStore
+
+
+@dataclass
+class Recorder:
+    published: list[tuple[str, bytes, bool]] = field(default_factory=list)
+    inbox: queue.Queue[Inbound] = field(default_factory=queue.Queue)
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True
+    ) -> None:
+        self.published.append((topic, payload, retain))
+
+    def results(self, home: FleetHome) -> list[tuple[str, int]]:
+        """(device, evidence seq) of each published result, in order."""
+        out = []
+        for topic, payload, _retain in self.published:
+            if topic.endswith("/result"):
+                r = verify_result(payload, home.result_verify_key())
+                out.append((r.device_id, int(r.details["seq"])))
+        return out
+
+
+@dataclass
+class Rig:
+    home: FleetHome
+    verifier: Verifier
+    mqtt: Recorder
+    enclaves: dict[str, InlineEnclave]
+    store: SqliteStore
+
+    def evidence(self, device_id: str) -> Inbound:
+        token = self.enclaves[device_id].evidence()
+        return Inbound(topics.device_topic(device_id, topics.EVIDENCE), token, False)
+
+
+def make_rig(tmp_path: Path, fleet_home: FleetHome) -> Rig:
+    write_enclave_source(
+        tmp_path / "src", fleet_home.verify_key("artifact"), fleet_home.result_verify_key()
+    )
+    build_enclave(fleet_home, tmp_path / "src", tmp_path / "enclave.img", svn=1)
+    identity = image_identity((tmp_path / "enclave.img").read_bytes())
+    enclaves = {}
+    for device_id in ("cam-a", "cam-b"):
+        enroll_device(fleet_home, device_id, tmp_path / device_id)
+        enclaves[device_id] = InlineEnclave.load(tmp_path / device_id, identity)
+    mqtt = Recorder()
+    store = SqliteStore(tmp_path / "state.sqlite")
+    verifier = Verifier(VerifierConfig(fleet_home), store, mqtt)  # type: ignore[arg-type]
+    return Rig(fleet_home, verifier, mqtt, enclaves, store)
