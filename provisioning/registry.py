@@ -7,6 +7,7 @@ the fleet home.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,3 +88,14 @@ class Registry:
 
     def device_ids(self) -> list[str]:
         return sorted(p.stem for p in self._root.glob("*.json"))
+
+    def stamps(self) -> dict[str, tuple[int, int, int]]:
+        """Device id -> (inode, mtime ns, size) of its entry, from one directory scan: which
+        entries changed since an earlier look (entries are replaced by rename, never edited)."""
+        found = {}
+        with os.scandir(self._root) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and entry.is_file():
+                    st = entry.stat()
+                    found[entry.name[: -len(".json")]] = (st.st_ino, st.st_mtime_ns, st.st_size)
+        return found

@@ -12,6 +12,7 @@ alert on `fleet/alerts`, and changes no state.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from strongroom import keywrap, messages, topics
 from strongroom.commands import Command, sign_command
 from strongroom.ear import AttestationResult, sign_result
 from strongroom.errors import IntegrityError, StrongroomError
-from strongroom.evidence import Evidence, evidence_kid, verify_evidence
+from strongroom.evidence import Evidence, evidence_kid, parse_evidence, verify_evidence
 from strongroom.mqtt import Inbound, MqttClient, MqttError
 from strongroom.policy import FleetPolicy
 from strongroom.signing import SigningKey
@@ -84,8 +85,9 @@ class Verifier:
         self.audit = AuditLog(audit_path(home), self._result_key)
         self.policy: FleetPolicy = home.load_policy()
         self.devices: dict[str, DeviceRecord] = {}
+        self._registry_stamps: dict[str, tuple[int, int, int]] = {}
         self._last_reload = 0.0
-        self._last_round = 0.0
+        self._last_stale_check = 0.0
         self.counts: dict[str, int] = {}
         self._revoked_at: dict[str, float] = {}
         self._stamp: tuple[int, int] = (0, 0)
@@ -98,23 +100,30 @@ class Verifier:
     def reload(self) -> None:
         """Re-read the registry and the policy (they are edited by provisioning commands), and
         act on revocations and reinstatements made by operators since the last read."""
-        previous = self.devices
-        devices = {}
-        for device_id in self.registry.device_ids():
-            try:
-                devices[device_id] = self.registry.get(device_id)
-            except StrongroomError as e:
-                log.error("registry_entry_unreadable", device=device_id, reason=str(e))
-        self.devices = devices
-        self.store.sync_devices(devices.values())
-        for device_id, record in devices.items():
-            before = previous.get(device_id)
+        previous, stamps = self.devices, self.registry.stamps()
+        devices, changed = {}, []
+        for device_id, stamp in stamps.items():
+            record = previous.get(device_id)
+            if record is None or self._registry_stamps.get(device_id) != stamp:
+                try:  # only entries new or replaced since the last look are parsed again
+                    record = self.registry.get(device_id)
+                except StrongroomError as e:
+                    log.error("registry_entry_unreadable", device=device_id[:64], reason=str(e))
+                    stamps[device_id] = (0, 0, 0)  # read it again next time
+                    continue
+                changed.append(record)
+            devices[device_id] = record
+        self.devices, self._registry_stamps = devices, stamps
+        if changed:
+            self.store.sync_devices(changed)
+        for record in changed:
+            before = previous.get(record.device_id)
             if before is None or before.status == record.status:
                 continue
             if record.status == "revoked":
-                self._send_revoke(device_id, "revoked by an operator")
+                self._send_revoke(record.device_id, "revoked by an operator")
             elif record.status == "active":
-                self._reinstated(device_id)
+                self._reinstated(record.device_id)
         try:
             self.policy = self.config.home.load_policy()
         except StrongroomError as e:
@@ -175,7 +184,8 @@ class Verifier:
         expires = self.clock() + self.policy.nonce_ttl_s
         self.store.issue_nonce(device_id, nonce, expires)
         payload = messages.Challenge(nonce, expires).encode()
-        self.mqtt.publish(topics.device_topic(device_id, topics.CHALLENGE), payload)
+        topic = topics.device_topic(device_id, topics.CHALLENGE)
+        self.mqtt.publish(topic, payload, wait=False)  # paho keeps it in flight
         self._count("challenges")
 
     # -- evidence ------------------------------------------------------------------------------
@@ -198,9 +208,10 @@ class Verifier:
 
     def _verified(self, device_id: str, token: bytes) -> Evidence:
         device = self._device(device_id, "evidence")
-        if evidence_kid(token) != device_id:
+        parsed = parse_evidence(token)  # once: its kid picks the key that verifies it
+        if evidence_kid(parsed) != device_id:
             raise Rejected("evidence names another device than its topic")
-        ev = verify_evidence(token, device.attestation_key)
+        ev = verify_evidence(parsed, device.attestation_key)
         if ev.device_id != device_id:
             raise Rejected("evidence subject is another device")
         return ev
@@ -379,6 +390,7 @@ class Verifier:
             self.audit.append("revocation_confirmed", device_id, latency_s=latency)
             log.info("revocation_confirmed", device=device_id, latency_s=latency)
         elif status.state == "online" and not status.report:
+            self.store.claim_challenge(device_id, self.clock(), 0.0)  # the next is an interval on
             self.challenge(device_id)
 
     # -- loop ----------------------------------------------------------------------------------
@@ -473,21 +485,28 @@ class Verifier:
             self.reload()
         self._answer_requests()
         interval = self.config.challenge_interval_s or self.policy.attestation_interval_s
-        if now - self._last_round >= interval:
-            self._last_round = now
+        if now - self._last_stale_check >= interval:
+            self._last_stale_check = now
             self.mark_stale(now - self.policy.attestation_interval_s - self.policy.offline_grace_s)
-            for device_id in self.store.online_devices():
-                if not self.store.claim_challenge(device_id, now, interval / 2):
-                    continue  # another verifier process challenges this one
-                try:
-                    self.challenge(device_id)
-                except MqttError as e:
-                    log.warning("challenge_not_sent", device=device_id, reason=str(e))
+        self._challenge_due(now, interval)
+
+    def _challenge_due(self, now: float, interval: float) -> None:
+        """Challenge the online devices last challenged an interval ago, a slice per tick: a
+        fleet's challenges, and the evidence that answers them, spread over the interval instead
+        of arriving all at once (a slice covers the fleet in half an interval, to catch up)."""
+        budget = max(1, math.ceil(2 * len(self.devices) * TICK_S / interval))
+        for device_id in self.store.due_for_challenge(now - interval, budget):
+            if not self.store.claim_challenge(device_id, now, interval / 2):
+                continue  # another verifier process challenges this one
+            try:
+                self.challenge(device_id)
+            except MqttError as e:
+                log.warning("challenge_not_sent", device=device_id, reason=str(e))
 
     def run(self, stop: Callable[[], bool]) -> None:
         for topic in self.subscriptions():
             self.mqtt.subscribe(topic)
-        self._last_round = self.clock()
+        self._last_stale_check = self.clock()
         was_connected = self.mqtt.connected.is_set()
         last_tick = 0.0
         while not stop():

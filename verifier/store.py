@@ -85,6 +85,10 @@ class StateStore(Protocol):
 
     def online_devices(self) -> list[str]: ...
 
+    def due_for_challenge(self, before: float, limit: int) -> list[str]:
+        """Up to `limit` online devices last challenged before `before`, longest-waiting first."""
+        ...
+
     def claim_challenge(self, device_id: str, now: float, min_gap: float) -> bool:
         """True for exactly one caller per device and `min_gap` (several verifiers share the
         periodic challenges instead of each sending its own)."""

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS nonces (
     expires {self.real} NOT NULL,
     used {self.boolean} NOT NULL DEFAULT {"FALSE" if self.boolean == "BOOLEAN" else 0}
 );
+-- issuing a challenge prunes nonces long expired: by index, not by scanning every nonce
+CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
 CREATE TABLE IF NOT EXISTS seen (
     device_id TEXT NOT NULL,
     seq BIGINT NOT NULL,
@@ -284,6 +286,14 @@ class SqlStore:
 
     def online_devices(self) -> list[str]:
         rows = self._q("SELECT device_id FROM devices WHERE online = ?", (True,)).fetchall()
+        return [r[0] for r in rows]
+
+    def due_for_challenge(self, before: float, limit: int) -> list[str]:
+        rows = self._q(
+            "SELECT device_id FROM devices WHERE online = ? AND challenged_at < ? "
+            "ORDER BY challenged_at, device_id LIMIT ?",
+            (True, before, limit),
+        ).fetchall()
         return [r[0] for r in rows]
 
     def claim_challenge(self, device_id: str, now: float, min_gap: float) -> bool:
