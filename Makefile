@@ -39,6 +39,7 @@ bench: venv
 	$(PY) bench/artifact_throughput.py
 	$(PY) bench/enclave_cold_start.py
 	$(PY) bench/verifier_throughput.py
+	$(PY) bench/fleet_scale.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

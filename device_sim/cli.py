@@ -51,7 +51,12 @@ def register(groups: dict[str, Any]) -> None:
         help=f"default: process up to {SMALL_FLEET} devices, inline above",
     )
     p.add_argument("--broker", metavar="URL", help="use this broker and its verifier")
-    p.add_argument("--interval", type=int, default=30, help="seconds between attestations")
+    p.add_argument(
+        "--interval",
+        type=int,
+        default=30,
+        help="attestation interval of a new simulator home's policy (s)",
+    )
     p.add_argument(
         "--grace", type=int, default=5, help="offline grace of a new simulator home (seconds)"
     )

@@ -194,10 +194,8 @@ class VirtualDevice:
             await client.subscribe(self._topic(leaf), qos=1)
         status = messages.Status("online", time.time()).encode()
         await client.publish(self._topic(topics.STATUS), status, qos=1, retain=True)
-        tasks = [
-            asyncio.ensure_future(self._receive(client)),
-            asyncio.ensure_future(self._periodic()),
-        ]
+        # the verifier challenges at once (the online status) and then every policy interval
+        tasks = [asyncio.ensure_future(self._receive(client))]
         if attack is not None:
             tasks.append(asyncio.ensure_future(attack(self)))
         try:
@@ -208,17 +206,12 @@ class VirtualDevice:
         finally:
             for task in tasks:
                 task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # their ends are retrieved
         if self.spec.scenario == "offline" and not self.stop.is_set():
             return  # dropping off: no goodbye
         offline = messages.Status("offline", time.time()).encode()
         with contextlib.suppress(aiomqtt.MqttError):
             await client.publish(self._topic(topics.STATUS), offline, qos=1, retain=True)
-
-    async def _periodic(self) -> None:
-        await asyncio.sleep(random.uniform(0, self.spec.interval_s))  # noqa: S311 - spread load
-        while True:
-            await self.send_evidence()
-            await asyncio.sleep(self.spec.interval_s)
 
     async def send_evidence(self, nonce: bytes | None = None) -> bytes:
         token = await self.attester.evidence(nonce)

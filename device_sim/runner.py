@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 import aiomqtt
@@ -31,6 +32,7 @@ from strongroom.errors import StrongroomError
 from strongroom.fsutil import write_atomic
 
 log = structlog.get_logger()
+STOP_GRACE_S = 20.0  # devices have this long to disconnect cleanly once told to stop
 OBSERVER_INSTANCE = 8  # the read-only identity `_dashboard-8` is the simulator's
 
 
@@ -122,15 +124,19 @@ async def _run_devices(
         await asyncio.sleep(ramp_s * i / max(1, len(devices)))
         return await device.run()
 
-    watcher = asyncio.ensure_future(watch_stop())
-    outcomes = await asyncio.gather(
-        *(start(i, d) for i, d in enumerate(devices)), return_exceptions=True
-    )
-    watcher.cancel()
+    tasks = [asyncio.ensure_future(start(i, d)) for i, d in enumerate(devices)]
+    await watch_stop()
+    _done, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+    for task in pending:  # one stuck device must not cost the run its report
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
     reports = []
-    for device, outcome in zip(devices, outcomes, strict=True):
-        if isinstance(outcome, BaseException):
-            device.report.errors.append(f"{type(outcome).__name__}: {outcome}"[:300])
+    for device, task in zip(devices, tasks, strict=True):
+        if task in pending:
+            device.report.errors.append(f"did not stop within {STOP_GRACE_S:g} s; cancelled")
+        elif task.exception() is not None:
+            error = task.exception()
+            device.report.errors.append(f"{type(error).__name__}: {error}"[:300])
         reports.append(device.report)
     return reports
 
@@ -182,6 +188,24 @@ def _observed(fleet: FleetLog, topic: str, payload: bytes, verifier_key: Any) ->
         pass  # the scorecard only counts what verifies
 
 
+async def _collect(queue: Any, procs: list[Any]) -> list[DeviceReport]:
+    """The workers' reports, each put once its devices stopped; a worker that died without
+    reporting is not waited for."""
+    reports: list[DeviceReport] = []
+    waiting = len(procs)
+    deadline = time.monotonic() + STOP_GRACE_S + 60
+    while waiting and time.monotonic() < deadline:
+        try:
+            docs = await asyncio.to_thread(queue.get, True, 1.0)
+        except Empty:
+            if not any(p.is_alive() for p in procs):
+                break
+            continue
+        reports += [DeviceReport.from_json_dict(d) for d in docs]
+        waiting -= 1
+    return reports
+
+
 async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     config: SimConfig,
     kit: Kit,
@@ -210,6 +234,7 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, ctrl_c.set)
     started, restarted, last_note = time.time(), False, 0.0
+    fleet.started_at = started
     total = config.duration_s + ramp
     try:
         while (elapsed := time.time() - started) < total and not ctrl_c.is_set():
@@ -235,9 +260,8 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     fleet.ended_at = time.time()
     stop.set()
     reports: list[DeviceReport] = []
-    for _ in procs:
-        docs = await asyncio.to_thread(queue.get, True, 300)
-        reports += [DeviceReport.from_json_dict(d) for d in docs]
+    reports += await _collect(queue, procs)
+    fleet.missing_reports = len(specs) - len(reports)
     for p in procs:
         await asyncio.to_thread(p.join, 30)
     await asyncio.sleep(1.0)  # the last results reach the observer
@@ -277,7 +301,7 @@ def run(config: SimConfig, out: Any = sys.stdout) -> int:
             config.enclave,
             "localhost",
             port,
-            float(config.interval_s),
+            float(policy.attestation_interval_s),
             float(policy.offline_grace_s),
             victim,
         )

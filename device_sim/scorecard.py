@@ -21,7 +21,9 @@ class FleetLog:
     alerts: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     forged_status_seen: set[str] = field(default_factory=set)
     broker_restarted_at: float | None = None
-    ended_at: float = 0.0
+    started_at: float = 0.0  # devices started connecting
+    ended_at: float = 0.0  # devices told to stop
+    missing_reports: int = 0  # devices whose worker process ended without reporting
 
     def result(self, device: str, t: float, status: str, why: str) -> None:
         self.results.setdefault(device, []).append((t, status, why))
@@ -150,8 +152,10 @@ def scorecard(reports: list[DeviceReport], log: FleetLog, meta: dict[str, Any]) 
                 "p99": _ms(_percentile(latencies, 0.99)),
             },
         },
+        "run": {"started_at": log.started_at, "ended_at": log.ended_at},
         "mismatched_devices": mismatched,
-        "passed": not mismatched and lost == 0,
+        "missing_reports": log.missing_reports,
+        "passed": not mismatched and lost == 0 and log.missing_reports == 0,
     }
 
 
