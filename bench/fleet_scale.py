@@ -11,7 +11,7 @@ peak RSS of the verifier, the broker and the simulator (main process plus worker
 /proc. Also: time to detect a tampered device (its first evidence to its contraindicated result)
 and, with a real agent and enclave process, time from `device revoke` to the confirmed wipe.
 
-    python bench/fleet_scale.py [--sizes 2500,5000] [--measure 120] [--warmup 60] [--home DIR]
+    python bench/fleet_scale.py [--sizes 5000,7500] [--measure 120] [--warmup 60] [--home DIR]
 """
 
 # ruff: noqa: PLC0415
@@ -186,7 +186,7 @@ def run_size(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="2500,5000")
+    parser.add_argument("--sizes", default="5000,7500")
     parser.add_argument("--warmup", type=float, default=60.0)
     parser.add_argument("--measure", type=float, default=120.0)
     parser.add_argument("--home", type=Path, help="reuse this simulator home (enrollments kept)")
