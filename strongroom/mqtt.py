@@ -8,16 +8,21 @@
   and queued QoS 1 messages across reconnects.
 - Callbacks only translate and enqueue into a bounded inbox; they never block or wait.
 - Every wait has a timeout; paho's return codes become `MqttError`.
+- Socket I/O is buffered (`_BufferedPaho`): one TLS read takes what has arrived, and what paho
+  writes is sent together by the network thread, once per turn.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import re
 import select
+import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +37,8 @@ from strongroom.errors import EnvironmentFault, InputError
 from strongroom.retry import Backoff
 
 log = structlog.get_logger()
+READ_CHUNK = 65536
+PUMP_TURNS = 64  # network turns one pump may take while data keeps arriving
 
 
 class MqttError(EnvironmentFault):
@@ -99,11 +106,74 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _BufferedPaho(paho.Client):
+    """paho with buffered socket I/O. paho reads a packet in three or more calls (command byte,
+    each length byte, body) and writes every packet (each PUBACK too) with its own TLS record and
+    system call; each call releases and retakes the GIL. At thousands of messages a second those
+    calls cost more than the messages' processing. Here a read takes up to READ_CHUNK bytes and
+    serves paho's small reads from memory, and writes collect until the network thread calls
+    `flush` once per turn of its loop.
+
+    It overrides paho's socket helpers (`_sock_recv`, `_sock_send`, `_sock_close`), which the
+    paho version range in setup.cfg pins; tests/test_mqtt.py checks them against real Mosquitto.
+    Every call into it is made under MqttClient's lock."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rbuf, self._rpos = b"", 0
+        self._wbuf: list[bytes] = []
+
+    def buffered(self) -> bool:
+        """Whether received bytes wait in memory (select() cannot see them)."""
+        return self._rpos < len(self._rbuf)
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(READ_CHUNK)  # BlockingIOError: nothing there yet
+            if len(data) <= bufsize:
+                return data  # b"": the broker closed the connection
+            self._rbuf, self._rpos = data, 0
+        start = self._rpos
+        self._rpos = min(start + bufsize, len(self._rbuf))
+        return self._rbuf[start : self._rpos]
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        if self._sock is None:
+            raise ConnectionError("self._sock is None")
+        self._wbuf.append(bytes(buf))
+        return len(buf)
+
+    def want_write(self) -> bool:
+        return bool(self._wbuf) or super().want_write()
+
+    def flush(self) -> None:
+        """Send what paho wrote since the last flush, in one call (the rest stays for the next
+        when the socket is full). OSError when the connection is lost."""
+        if not self._wbuf or self._sock is None:
+            return
+        data = b"".join(self._wbuf)
+        self._wbuf.clear()
+        try:
+            sent = super()._sock_send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent < len(data):
+            self._wbuf.append(data[sent:])
+
+    def _sock_close(self) -> None:
+        with contextlib.suppress(OSError):  # what is buffered (a DISCONNECT) goes out if it can
+            self.flush()
+        self._rbuf, self._rpos = b"", 0
+        self._wbuf.clear()
+        super()._sock_close()
+
+
 class MqttClient:
     """A connection that stays up: subscriptions are renewed after every reconnect."""
 
-    def __init__(self, settings: MqttSettings) -> None:
-        self.settings = settings
+    def __init__(self, settings: MqttSettings, *, driven: bool = False) -> None:
+        """`driven`: no network thread; the owner calls `pump` (and `receive`, which pumps)."""
+        self.settings, self.driven = settings, driven
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=settings.inbox_size)
         self.connected = threading.Event()
         self.dropped = 0
@@ -114,14 +184,20 @@ class MqttClient:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # see _step
+        self._up, self._first, self._attempt, self._next_attempt = False, True, 0, 0.0
+        # Written to when something is queued for sending, so the network thread wakes to send it.
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
         self._client = self._make_client()
 
     # -- paho set-up and callbacks (translate and enqueue only) --------------------------------
 
-    def _make_client(self) -> paho.Client:
+    def _make_client(self) -> _BufferedPaho:
         s = self.settings
         protocol = paho.MQTTv5 if s.protocol == 5 else paho.MQTTv311
-        client = paho.Client(
+        client = _BufferedPaho(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
             protocol=protocol,
@@ -178,70 +254,139 @@ class MqttClient:
         props.SessionExpiryInterval = self.settings.session_expiry_s
         return props
 
-    def _step(self) -> int:
-        """One turn of the network loop. paho writes to the socket from whichever thread calls
-        publish(), so every call that may touch the socket runs under one lock; only the wait
-        for readiness happens outside it."""
-        sock = self._client.socket()
+    def _wake(self) -> None:
+        """Wake the network thread to send what a caller queued (once until it has woken)."""
+        if not self._wake_pending and not self.driven:
+            self._wake_pending = True
+            with contextlib.suppress(OSError):  # full (it is waking anyway) or closed (stopping)
+                self._wake_w.send(b"\0")
+
+    def _woken(self) -> None:
+        self._wake_pending = False  # before draining: a later wake is not lost
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+
+    def _step(self, timeout: float) -> int:
+        """One turn of the network loop: wait until the socket is readable, writable (when
+        something waits to be sent) or a caller queued a message; then read, write and flush.
+        paho queues writes from whichever thread calls publish(), so every call into it runs
+        under one lock; only the wait happens outside it."""
+        client = self._client
+        sock = client.socket()
         if sock is None:
             return int(paho.MQTT_ERR_NO_CONN)
-        want_write = self._client.want_write()
+        with self._lock:
+            want_write, buffered = client.want_write(), client.buffered()
         try:
-            readable, writable, _ = select.select([sock], [sock] if want_write else [], [], 0.1)
+            readable, _, _ = select.select(
+                [sock, self._wake_r], [sock] if want_write else [], [], 0 if buffered else timeout
+            )
         except (OSError, ValueError):
             return int(paho.MQTT_ERR_CONN_LOST)
+        if self._wake_r in readable:
+            self._woken()
         with self._lock:
-            if readable:
-                rc = self._client.loop_read()
+            if sock in readable or buffered:
+                rc = client.loop_read()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     return int(rc)
-            if writable or self._client.want_write():
-                rc = self._client.loop_write()
-                if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
-                    return int(rc)
-            return int(self._client.loop_misc())
+            rc = client.loop_write()  # paho's queue into the buffer
+            if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_AGAIN):
+                return int(rc)
+            rc = client.loop_misc()
+            try:
+                client.flush()
+            except OSError:
+                return int(paho.MQTT_ERR_CONN_LOST)
+            return int(rc)
+
+    def _connect(self) -> bool:
+        """One connection attempt (the TCP and TLS handshakes; the CONNACK arrives later)."""
+        s = self.settings
+        try:
+            with self._lock:
+                if self._first:
+                    self._client.connect(
+                        s.host,
+                        s.port,
+                        s.keepalive_s,
+                        clean_start=s.clean_start
+                        if s.protocol == 5
+                        else paho.MQTT_CLEAN_START_FIRST_ONLY,
+                        properties=self._connect_properties(),
+                    )
+                    self._first = False
+                else:
+                    self._client.reconnect()
+        except (OSError, ssl.SSLError) as e:
+            self.last_error = f"cannot connect to {s.host}:{s.port}: {e}"
+            return False
+        return True
+
+    def _turn(self, timeout: float) -> None:
+        """One turn of the connection: a (re)connection attempt when one is due (with jittered
+        exponential back-off after failures), otherwise one network step of up to `timeout`."""
+        if self._up:
+            if self._step(timeout) == paho.MQTT_ERR_SUCCESS:
+                if self.connected.is_set():
+                    self._attempt = 0
+                return
+            self._up = False
+            self.connected.clear()
+        else:
+            wait = self._next_attempt - time.monotonic()
+            if wait > 0:
+                self._stop.wait(min(wait, timeout))
+                return
+            self._up = self._connect()
+            if self._up:
+                return
+        self._next_attempt = time.monotonic() + self.settings.backoff.delay(self._attempt)
+        self._attempt += 1
 
     def _run(self) -> None:
-        s, attempt, first = self.settings, 0, True
         while not self._stop.is_set():
-            try:
-                if first:
-                    with self._lock:
-                        self._client.connect(
-                            s.host,
-                            s.port,
-                            s.keepalive_s,
-                            clean_start=s.clean_start
-                            if s.protocol == 5
-                            else paho.MQTT_CLEAN_START_FIRST_ONLY,
-                            properties=self._connect_properties(),
-                        )
-                    first = False
-                else:
-                    with self._lock:
-                        self._client.reconnect()
-            except (OSError, ssl.SSLError) as e:
-                self.last_error = f"cannot connect to {s.host}:{s.port}: {e}"
-                self._stop.wait(s.backoff.delay(attempt))
-                attempt += 1
-                continue
-            while not self._stop.is_set():
-                if self._step() != paho.MQTT_ERR_SUCCESS:
-                    break
-                if self.connected.is_set():
-                    attempt = 0
-            self.connected.clear()
-            if not self._stop.is_set():
-                self._stop.wait(s.backoff.delay(attempt))
-                attempt += 1
+            self._turn(0.1)
+        self.connected.clear()
 
     def start(self) -> MqttClient:
-        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
-        self._thread.start()
+        """Start the network thread (in driven mode, the owner's `pump` calls do its work)."""
+        if not self.driven:
+            self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+            self._thread.start()
         return self
 
+    def pump(self, timeout: float) -> None:
+        """Driven mode: the network work, in the caller's thread. Waits up to `timeout` for
+        traffic, then takes in all that has arrived and sends all that waits. One thread doing
+        both the network and the processing saves the GIL hand-offs between two threads, which
+        at thousands of messages a second cost more than the work itself."""
+        self._turn(timeout)
+        for _ in range(PUMP_TURNS):
+            sock = self._client.socket()
+            if not self._up or sock is None:
+                return
+            if not (self._client.buffered() or select.select([sock], [], [], 0)[0]):
+                return
+            self._turn(0)
+
+    def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
+        """Driven mode: pump until `done()` or the timeout."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.pump(min(left, 0.05))
+        return True
+
     def wait_connected(self, timeout: float) -> None:
-        if not self.connected.wait(timeout):
+        if self.driven:
+            connected = self._wait(self.connected.is_set, timeout)
+        else:
+            connected = self.connected.wait(timeout)
+        if not connected:
             raise MqttError(
                 f"no connection to {self.settings.host}:{self.settings.port} within "
                 f"{timeout:g} s ({self.last_error or 'no answer'})"
@@ -256,15 +401,16 @@ class MqttClient:
             return []
         with self._lock:
             rc, mid = self._client.subscribe(topic, qos)
+        self._wake()
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"cannot subscribe to {topic}: {paho.error_string(rc)}")
-        deadline = time.monotonic() + timeout
         with self._suback_cond:
-            while mid not in self._suback:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MqttError(f"no SUBACK for {topic} within {timeout:g} s")
-                self._suback_cond.wait(left)
+            if self.driven:
+                acked = self._wait(lambda: mid in self._suback, timeout)
+            else:
+                acked = self._suback_cond.wait_for(lambda: mid in self._suback, timeout)
+            if not acked:
+                raise MqttError(f"no SUBACK for {topic} within {timeout:g} s")
             return self._suback.pop(mid)
 
     def publish(
@@ -283,18 +429,26 @@ class MqttClient:
             raise MqttError(f"not connected; cannot publish to {topic}")
         with self._lock:
             info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        self._wake()
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
         if qos == 0 or not wait:
             return
         try:
-            info.wait_for_publish(timeout)
+            if self.driven:
+                self._wait(info.is_published, timeout)
+            else:
+                info.wait_for_publish(timeout)
         except (RuntimeError, ValueError) as e:
             raise MqttError(f"publish to {topic} failed: {e}") from e
         if not info.is_published():
             raise MqttError(f"no acknowledgement for {topic} within {timeout:g} s")
 
     def receive(self, timeout: float) -> Inbound | None:
+        if self.driven:
+            if self.inbox.empty():
+                self.pump(timeout)
+            timeout = 0
         try:
             return self.inbox.get(timeout=timeout)
         except queue.Empty:
@@ -309,3 +463,6 @@ class MqttClient:
             log.debug("mqtt_disconnect_failed", error=str(e))
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self._wake_r.close()
+            self._wake_w.close()

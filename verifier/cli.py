@@ -58,7 +58,8 @@ def _verifier_run(args: argparse.Namespace) -> int:
             key=key,
             client_id=cn,
             protocol=mqtt_protocol(args.mqtt),
-        )
+        ),
+        driven=True,  # its own loop does the network work: no second thread, no GIL hand-offs
     )
     store: StateStore
     if args.db and is_postgres_url(args.db):
