@@ -17,7 +17,7 @@ from strongroom import topics
 from strongroom.signing import SigningKey
 from tests.fleet import Fleet, Proc, cli, wait_until
 from tests.test_remote_attestation import _device_client, _evidence_of
-from verifier.store import Freshness
+from verifier.store import Candidate, Freshness, StoredResult
 from verifier.store_postgres import PostgresStore
 
 PG_URL = os.environ.get("STRONGROOM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -71,6 +71,33 @@ def test_two_stores_racing_accept_each_nonce_once(pg_schema: str) -> None:
     assert used is not None and used[0] == len(fresh)  # never one nonce accepted twice
     for s in stores:
         s.close()
+
+
+def test_a_batch_naming_a_device_twice_is_written_in_order(pg_schema: str) -> None:
+    """The batch writes (one statement each) keep the later evidence and result of a device."""
+    store = PostgresStore(PG_URL, pg_schema)
+    store.sync_devices([_device("cam-1"), _device("cam-2")])
+    nonce = os.urandom(32)
+    store.issue_nonce("cam-1", nonce, time.time() + 60)
+    items = [
+        Candidate("cam-1", nonce, 1, b"a" * 32, True),
+        Candidate("cam-2", os.urandom(32), 1, b"b" * 32, False),
+        Candidate("cam-1", os.urandom(32), 2, b"c" * 32, False),
+        Candidate("cam-1", nonce, 3, b"d" * 32, False),  # the same nonce again: a replay
+    ]
+    verdicts = [a.freshness for a in store.accept_batch(items, time.time())]
+    assert verdicts == [Freshness.FRESH, Freshness.PERIODIC, Freshness.PERIODIC, Freshness.REPLAY]
+    assert store.last_seq("cam-1") == 2 and store.last_seq("cam-2") == 1
+    store.save_results(
+        [
+            StoredResult("cam-1", "warning", b"t1", 1.0),
+            StoredResult("cam-1", "affirming", b"t2", 2.0),
+        ]
+    )
+    assert store.result("cam-1") == StoredResult("cam-1", "affirming", b"t2", 2.0)
+    again = store.accept_batch([Candidate("cam-1", os.urandom(32), 2, b"c" * 32, False)], 0)
+    assert again[0].freshness is Freshness.DUPLICATE  # the seen rows were written
+    store.close()
 
 
 def _appraised(procs: list[Proc]) -> list[tuple[int, str]]:

@@ -24,6 +24,7 @@ SEQ_WINDOW = 1024
 # The window's old entries are pruned each time the sequence crosses a multiple of this (and after
 # out-of-order evidence), not on every evidence: the check above does not depend on them being gone.
 SEQ_PRUNE_EVERY = 64
+SYNC_CHUNK = 500  # devices per statement and transaction when the registry is synced
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,24 @@ class Dialect:
     blob: str  # "BLOB" or "BYTEA"
     real: str  # "REAL" or "DOUBLE PRECISION"
     boolean: str  # "INTEGER" or "BOOLEAN"
+    arrays: bool  # bulk parameters as arrays (one short statement text) or as placeholder lists
+
+    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """`column` is one of `values`: the condition and its parameters."""
+        if self.arrays:
+            return f"{column} = ANY(?)", [list(values)]
+        return f"{column} IN ({_marks(len(values))})", list(values)
+
+    def table(self, types: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
+        """Rows as a table expression (`INSERT INTO t (...) <it>`, `WITH v (...) AS (<it>)`), so
+        one statement writes a whole batch: a statement per row cost PostgreSQL a round of
+        parse, plan and execute each, and its driver a query conversion each."""
+        if self.arrays:
+            columns = ", ".join(f"?::{t}[]" for t in types)
+            table = f"SELECT * FROM unnest({columns})"  # noqa: S608 - our type names only
+            return table, [list(c) for c in zip(*rows, strict=True)]
+        row = f"({_marks(len(types))})"
+        return "VALUES " + ", ".join([row] * len(rows)), [v for r in rows for v in r]
 
     def schema(self) -> str:
         return f"""
@@ -141,8 +160,10 @@ def _decide(item: Candidate, state: _BatchState, now: float) -> Acceptance:  # n
     return Acceptance(freshness, newest)
 
 
-SQLITE = Dialect("?", "", "MAX", "BLOB", "REAL", "INTEGER")
-POSTGRES = Dialect("%s", " FOR UPDATE", "GREATEST", "BYTEA", "DOUBLE PRECISION", "BOOLEAN")
+SQLITE = Dialect("?", "", "MAX", "BLOB", "REAL", "INTEGER", arrays=False)
+POSTGRES = Dialect(
+    "%s", " FOR UPDATE", "GREATEST", "BYTEA", "DOUBLE PRECISION", "BOOLEAN", arrays=True
+)
 
 
 class SqlStore:
@@ -171,12 +192,16 @@ class SqlStore:
             self._execute_many(self._sql(sql), rows)
 
     def sync_devices(self, records: Iterable[DeviceRecord]) -> None:
-        with self._transaction():
-            for r in records:
+        """Insert or update the devices' statuses, in device order (the lock order)."""
+        statuses = {r.device_id: r.status for r in records}
+        rows = sorted(statuses.items())
+        for start in range(0, len(rows), SYNC_CHUNK):
+            table, params = self.dialect.table(("text", "text"), rows[start : start + SYNC_CHUNK])
+            with self._transaction():
                 self._q(
-                    "INSERT INTO devices (device_id, status) VALUES (?, ?) "
+                    f"INSERT INTO devices (device_id, status) {table} "
                     "ON CONFLICT (device_id) DO UPDATE SET status = excluded.status",
-                    (r.device_id, r.status),
+                    params,
                 )
 
     def issue_nonce(self, device_id: str, nonce: bytes, expires: float) -> None:
@@ -214,41 +239,49 @@ class SqlStore:
         return verdicts
 
     def _read_state(self, items: Sequence[Candidate], device_ids: list[str]) -> _BatchState:
-        state = _BatchState()
-        marks = _marks(len(device_ids))
+        state, d = _BatchState(), self.dialect
+        is_device, device_params = d.any_of("device_id", device_ids)
         for device_id, last_seq, last_hash in self._q(
-            f"SELECT device_id, last_seq, last_hash FROM devices WHERE device_id IN ({marks}) "  # noqa: S608 - placeholders only
+            f"SELECT device_id, last_seq, last_hash FROM devices WHERE {is_device} "  # noqa: S608 - placeholders only
             "ORDER BY device_id{lock}",
-            device_ids,
+            device_params,
         ).fetchall():
             last = None if last_hash is None else bytes(last_hash)
             state.devices[device_id] = _Device(int(last_seq), last)
-        seqs = sorted({i.seq for i in items})
+        is_seq, seq_params = d.any_of("seq", sorted({i.seq for i in items}))
         for device_id, seq, hash_ in self._q(
-            f"SELECT device_id, seq, hash FROM seen WHERE device_id IN ({marks}) "  # noqa: S608 - placeholders only
-            f"AND seq IN ({_marks(len(seqs))})",
-            [*device_ids, *seqs],
+            f"SELECT device_id, seq, hash FROM seen WHERE {is_device} AND {is_seq}",  # noqa: S608 - placeholders only
+            [*device_params, *seq_params],
         ).fetchall():
             state.seen[(device_id, int(seq))] = bytes(hash_)
-        nonces = sorted({i.nonce for i in items})
+        is_nonce, nonce_params = d.any_of("nonce", sorted({i.nonce for i in items}))
         for nonce, device_id, used, expires in self._q(
-            f"SELECT nonce, device_id, used, expires FROM nonces WHERE nonce IN "  # noqa: S608 - placeholders only
-            f"({_marks(len(nonces))}) ORDER BY nonce{{lock}}",
-            nonces,
+            f"SELECT nonce, device_id, used, expires FROM nonces WHERE {is_nonce} "  # noqa: S608 - placeholders only
+            "ORDER BY nonce{lock}",
+            nonce_params,
         ).fetchall():
             state.nonces[bytes(nonce)] = _Nonce(device_id, bool(used), float(expires))
         return state
 
     def _write_state(self, state: _BatchState, now: float) -> None:
-        self._q_many(
-            "UPDATE nonces SET used = ? WHERE nonce = ?", [(True, n) for n in state.used_nonces]
-        )
-        self._q_many("INSERT INTO seen (device_id, seq, hash) VALUES (?, ?, ?)", state.new_seen)
-        changed = [(d, state.devices[d]) for d in sorted(state.changed)]
-        self._q_many(
-            "UPDATE devices SET last_seq = ?, last_hash = ?, seen_at = ? WHERE device_id = ?",
-            [(dev.last_seq, dev.last_hash, now, d) for d, dev in changed],
-        )
+        """The batch's writes, a statement each (the rows they touch are locked already)."""
+        d = self.dialect
+        if state.used_nonces:
+            is_nonce, params = d.any_of("nonce", state.used_nonces)
+            self._q(f"UPDATE nonces SET used = ? WHERE {is_nonce}", [True, *params])  # noqa: S608 - placeholders only
+        if state.new_seen:
+            table, params = d.table(("text", "bigint", d.blob), state.new_seen)
+            self._q(f"INSERT INTO seen (device_id, seq, hash) {table}", params)
+        changed = [(i, state.devices[i]) for i in sorted(state.changed)]
+        if changed:
+            rows = [(i, dev.last_seq, dev.last_hash) for i, dev in changed]
+            table, params = d.table(("text", "bigint", d.blob), rows)
+            self._q(
+                f"WITH v (device_id, last_seq, last_hash) AS ({table}) "  # noqa: S608 - placeholders only
+                "UPDATE devices SET last_seq = v.last_seq, last_hash = v.last_hash, seen_at = ? "
+                "FROM v WHERE devices.device_id = v.device_id",
+                [*params, now],
+            )
         self._q_many(
             "DELETE FROM seen WHERE device_id = ? AND seq <= ?",
             [(d, dev.last_seq - SEQ_WINDOW) for d, dev in changed if dev.prune],
@@ -262,12 +295,21 @@ class SqlStore:
         self.save_results([StoredResult(device_id, status, token, at)])
 
     def save_results(self, results: Sequence[StoredResult]) -> None:
+        """Save results (for a device named twice, the later one), in one statement."""
+        if not results:
+            return
+        latest = {r.device_id: r for r in results}
+        rows = [
+            (r.device_id, r.status, r.token, r.at) for r in sorted(latest.values(), key=_by_device)
+        ]
+        d = self.dialect
+        table, params = d.table(("text", "text", d.blob, d.real), rows)
         with self._transaction():
-            self._q_many(
-                "INSERT INTO results (device_id, status, token, at) VALUES (?, ?, ?, ?) "
+            self._q(
+                f"INSERT INTO results (device_id, status, token, at) {table} "
                 "ON CONFLICT (device_id) DO UPDATE SET status = excluded.status, "
                 "token = excluded.token, at = excluded.at",
-                [(r.device_id, r.status, r.token, r.at) for r in sorted(results, key=_by_device)],
+                params,
             )
 
     def result(self, device_id: str) -> StoredResult | None:
