@@ -32,6 +32,11 @@ EDDSA = -8
 EXP, NBF = 4, 5
 CLOCK_SKEW_S = 60  # allowed between the signer's clock and ours for exp and nbf
 _PROTECTED = cbor2.dumps({ALG: EDDSA})
+# The fixed parts of the structures below, encoded by hand: a general encoder costs more than the
+# signature at the verifier's rates. tests/test_cose.py checks them against cbor2's encoding.
+_SIG_STRUCTURE_HEAD = b"\x84\x6aSignature1"  # array(4), text(10) "Signature1"
+_EMPTY_BSTR = b"\x40"
+_SIGN1_HEAD = b"\xd2\x84"  # tag 18, array(4)
 
 
 @dataclass(frozen=True)
@@ -47,17 +52,33 @@ class Sign1:
         return _to_be_signed(self.protected, self.payload)
 
 
+def bstr(data: bytes) -> bytes:
+    """`data` as a CBOR byte string (major type 2, shortest length form)."""
+    n = len(data)
+    if n < 24:
+        head = bytes((0x40 | n,))
+    elif n < 0x100:
+        head = bytes((0x58, n))
+    elif n < 0x10000:
+        head = b"\x59" + n.to_bytes(2, "big")
+    elif n < 0x100000000:
+        head = b"\x5a" + n.to_bytes(4, "big")
+    else:
+        raise FormatError("byte string too long for a token")
+    return head + data
+
+
 def _to_be_signed(protected: bytes, payload: bytes) -> bytes:
-    return bytes(cbor2.dumps(["Signature1", protected, b"", payload]))
+    """Sig_structure ["Signature1", protected, external_aad = h'', payload], encoded."""
+    return b"".join((_SIG_STRUCTURE_HEAD, bstr(protected), _EMPTY_BSTR, bstr(payload)))
 
 
 def sign(claims: dict[int, Any], key: SigningKey, kid: bytes) -> bytes:
     """A COSE_Sign1 over the CBOR encoding of `claims`, signed with `key`."""
     payload = cbor2.dumps(claims)
     signature = key.sign_raw(_to_be_signed(_PROTECTED, payload))
-    return bytes(
-        cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [_PROTECTED, {KID: kid}, payload, signature]))
-    )
+    unprotected = b"\xa1\x04" + bstr(kid)  # map(1) {4: kid}
+    return b"".join((_SIGN1_HEAD, bstr(_PROTECTED), unprotected, bstr(payload), bstr(signature)))
 
 
 def _load_one(data: bytes, what: str) -> Any:
@@ -101,6 +122,8 @@ def parse(token: bytes, what: str) -> Sign1:
 
 
 def _protected_headers(protected: bytes, what: str) -> dict[Any, Any]:
+    if protected == _PROTECTED:  # ours: no need to decode it
+        return {ALG: EDDSA}
     headers = _load_one(protected, f"{what} protected header") if protected else {}
     if not isinstance(headers, dict):
         raise FormatError(f"{what} has malformed protected headers")

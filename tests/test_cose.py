@@ -43,6 +43,20 @@ def _rebuild(token: bytes, **parts: Any) -> bytes:
     return bytes(cbor2.dumps(cbor2.CBORTag(18, list(fields.values()))))
 
 
+@pytest.mark.parametrize("size", [0, 1, 23, 24, 255, 256, 65535, 65536])
+def test_hand_encoded_structures_match_a_general_cbor_encoder(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert cose.bstr(data) == cbor2.dumps(data)
+    protected = cbor2.dumps({1: -8})
+    expected = cbor2.dumps(["Signature1", protected, b"", data])
+    assert cose._to_be_signed(protected, data) == expected
+    token = cose.sign({1: data}, KEY, b"k" * (size % 300))
+    tag = cbor2.loads(token)
+    assert token == cbor2.dumps(tag)  # the envelope is cbor2's own encoding of what it holds
+    kid = b"k" * (size % 300)
+    assert tag.tag == 18 and tag.value[:3] == [protected, {4: kid}, cbor2.dumps({1: data})]
+
+
 def test_tokens_we_sign_verify_with_a_general_cose_library() -> None:
     claims = _claims()
     token = cose.sign(claims, KEY, KID)

@@ -43,7 +43,8 @@ class _Vector:
         self.reasons: list[str] = []
 
     def set(self, key: str, value: int, reason: str | None = None) -> None:
-        if tier_weight(value) >= tier_weight(self.values[key]):
+        current = self.values[key]
+        if value != current and tier_weight(value) >= tier_weight(current):
             self.values[key] = value
         if reason:
             self.reasons.append(reason)
@@ -128,4 +129,8 @@ def appraise(ev: Evidence, policy: FleetPolicy, device: DeviceRecord) -> Apprais
 
 
 def tier_weight(value: int) -> int:
-    return TIERS[tier_of(value)]
+    weight = _WEIGHTS.get(value)
+    return TIERS[tier_of(value)] if weight is None else weight
+
+
+_WEIGHTS = {v: TIERS[tier_of(v)] for v in (0, AFFIRMING, WARNING, UNRECOGNIZED, CONTRAINDICATED)}
