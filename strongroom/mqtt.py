@@ -111,8 +111,8 @@ class _BufferedPaho(paho.Client):
     each length byte, body) and writes every packet (each PUBACK too) with its own TLS record and
     system call; each call releases and retakes the GIL. At thousands of messages a second those
     calls cost more than the messages' processing. Here a read takes up to READ_CHUNK bytes and
-    serves paho's small reads from memory, and writes collect until the network thread calls
-    `flush` once per turn of its loop.
+    serves paho's small reads from memory, and writes collect until `MqttClient._step` calls
+    `flush` once per turn (in the network thread, or in a driven client's `pump`).
 
     It overrides paho's socket helpers (`_sock_recv`, `_sock_send`, `_sock_close`), which the
     paho version range in setup.cfg pins; tests/test_mqtt.py checks them against real Mosquitto.
