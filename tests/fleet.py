@@ -77,6 +77,7 @@ class Broker:
     logdir: Path
     embedded: bool = False
     proc: Proc | None = None
+    tag: str = ""  # its own configuration and data directory in the home
 
     def start(self) -> None:
         log = self.logdir / "broker.log"
@@ -92,7 +93,7 @@ class Broker:
             )
             self.proc = Proc(argv, log)
         else:
-            files = write_broker_config(self.home, port=self.port)
+            files = write_broker_config(self.home, port=self.port, tag=self.tag)
             self.proc = Proc([find_mosquitto(), "-c", str(files.config)], log)
         wait_until(self._accepting, 20, "the broker to listen")
 

@@ -17,8 +17,9 @@ from strongroom import topics
 from strongroom.signing import SigningKey
 from tests.fleet import Fleet, Proc, cli, wait_until
 from tests.test_remote_attestation import _device_client, _evidence_of
-from verifier.store import Candidate, Freshness, StoredResult
+from verifier.store import Acceptance, Candidate, Freshness, StoredResult
 from verifier.store_postgres import PostgresStore
+from verifier.store_sql import POSTGRES, array_literal
 
 PG_URL = os.environ.get("STRONGROOM_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -97,6 +98,54 @@ def test_a_batch_naming_a_device_twice_is_written_in_order(pg_schema: str) -> No
     assert store.result("cam-1") == StoredResult("cam-1", "affirming", b"t2", 2.0)
     again = store.accept_batch([Candidate("cam-1", os.urandom(32), 2, b"c" * 32, False)], 0)
     assert again[0].freshness is Freshness.DUPLICATE  # the seen rows were written
+    store.close()
+
+
+def test_array_parameters_read_back_exactly(pg_schema: str) -> None:
+    """The batch writes' array parameters (literals built by us, byte strings sent in binary)
+    carry every value unchanged, awkward text and floats included."""
+    store = PostgresStore(PG_URL, pg_schema)
+    rows = [
+        ('quote"d', -(2**63), b"", 1e-300, True),
+        ("back\\slash\\", 2**63 - 1, b"\x00\xff" * 300, 1_800_000_000.123456, False),
+        ("{brace},comma", 0, b'"{,}\\', -0.0, True),
+        ("NULL", 7, os.urandom(32), float("inf"), False),
+        (" spaced \t", 1, b"x", 0.1 + 0.2, True),
+        ("üñí €", 2, b"y", -1.5, False),
+        ("", 3, b"z", 2.5, True),
+    ]
+    d = POSTGRES
+    table, params = d.table(("text", "bigint", d.blob, d.real, d.boolean), rows)
+    got = store._q(table, params).fetchall()
+    assert [(a, b, bytes(c), e, f) for a, b, c, e, f in got] == rows
+    is_text, text_params = d.any_of("t", "text", [r[0] for r in rows[:3]])
+    picked = store._q(
+        f"SELECT t FROM unnest(?::text[]) AS u(t) WHERE {is_text}",  # noqa: S608 - placeholders only
+        [array_literal("text", [r[0] for r in rows]), *text_params],
+    )
+    assert sorted(r[0] for r in picked.fetchall()) == sorted(r[0] for r in rows[:3])
+    nulls = store._q("SELECT * FROM unnest(?::text[])", [array_literal("text", [None, "x"])])
+    assert [r[0] for r in nulls.fetchall()] == [None, "x"]
+    store.close()
+
+
+def test_a_batch_and_its_results_commit_or_roll_back_together(pg_schema: str) -> None:
+    store = PostgresStore(PG_URL, pg_schema)
+    store.sync_devices([_device("cam-1")])
+    nonce = os.urandom(32)
+    store.issue_nonce("cam-1", nonce, time.time() + 60)
+    item = Candidate("cam-1", nonce, 4, b"a" * 32, True)
+
+    def failing(verdicts: list[Acceptance]) -> list[StoredResult]:
+        raise RuntimeError("signing failed")
+
+    with pytest.raises(RuntimeError):
+        store.accept_batch([item], time.time(), failing)
+    assert store.last_seq("cam-1") == 0 and store.result("cam-1") is None
+    saved = StoredResult("cam-1", "affirming", b"token", 5.0)
+    verdicts = store.accept_batch([item], time.time(), lambda v: [saved] if v[0].newest else [])
+    assert verdicts[0].freshness is Freshness.FRESH  # the nonce was not used by the failed one
+    assert store.result("cam-1") == saved and store.last_seq("cam-1") == 4
     store.close()
 
 

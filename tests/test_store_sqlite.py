@@ -17,7 +17,7 @@ import pytest
 
 from provisioning.registry import DeviceRecord
 from strongroom.signing import SigningKey
-from verifier.store import Freshness
+from verifier.store import Acceptance, Candidate, Freshness, StoredResult
 from verifier.store_sql import SEQ_WINDOW
 from verifier.store_sqlite import SqliteStore
 
@@ -369,3 +369,39 @@ def test_online_devices_lists_those_last_reported_online(store: SqliteStore) -> 
     assert store.online_devices() == ["dev-a"]
     store.set_online("dev-z", True, NOW)  # an unknown device is not invented
     assert store.online_devices() == ["dev-a"]
+
+
+def test_the_results_made_of_a_batchs_verdicts_are_saved_in_its_transaction(
+    store: SqliteStore,
+) -> None:
+    items = [
+        Candidate("dev-a", nonce(1), 1, token_hash("a1")),
+        Candidate("dev-b", nonce(2), 1, token_hash("b1")),
+        Candidate("dev-a", nonce(3), 1, token_hash("a1-again")),  # a replay: no result for it
+    ]
+    seen: list[list[Freshness]] = []
+
+    def results(verdicts: list[Acceptance]) -> list[StoredResult]:
+        seen.append([v.freshness for v in verdicts])
+        return [
+            StoredResult(item.device_id, "affirming", item.token_hash, NOW)
+            for item, v in zip(items, verdicts, strict=True)
+            if v.freshness is Freshness.PERIODIC
+        ]
+
+    store.accept_batch(items, NOW, results)
+    assert seen == [[Freshness.PERIODIC, Freshness.PERIODIC, Freshness.REPLAY]]
+    assert store.result("dev-a") == StoredResult("dev-a", "affirming", token_hash("a1"), NOW)
+    assert store.result("dev-b") == StoredResult("dev-b", "affirming", token_hash("b1"), NOW)
+
+
+def test_a_failure_making_the_results_records_nothing(store: SqliteStore) -> None:
+    store.issue_nonce("dev-a", nonce(1), NOW + TTL)
+
+    def results(verdicts: list[Acceptance]) -> list[StoredResult]:
+        raise RuntimeError("signing failed")
+
+    with pytest.raises(RuntimeError):
+        store.accept_batch([Candidate("dev-a", nonce(1), 5, token_hash("e5"))], NOW, results)
+    assert store.last_seq("dev-a") == 0 and store.result("dev-a") is None
+    assert accept(store, "dev-a", nonce(1), 5, "e5") is Freshness.FRESH  # nonce and seq unused

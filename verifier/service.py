@@ -37,7 +37,7 @@ from verifier.audit import AuditLog
 from verifier.metrics import VerifierMetrics
 from verifier.operator import audit_path, claim_requests, requests_dir
 from verifier.release import refusal
-from verifier.store import Candidate, Freshness, StateStore, StoredResult
+from verifier.store import Acceptance, Candidate, Freshness, StateStore, StoredResult
 
 log = structlog.get_logger()
 NONCE_SIZE = 32
@@ -218,11 +218,11 @@ class Verifier:
 
     def _appraise_many(self, items: Sequence[tuple[str, bytes, bool]]) -> list[Outcome]:
         """Verify, check freshness and appraise (device id, token, must answer a challenge)
-        items; publish their results. Freshness is checked and recorded for all of them in one
-        transaction, and their results saved in a second: the store's round trips, not the
-        signature checks, bound a verifier that takes one message at a time. Each outcome is the
-        evidence and its status, None for a duplicate delivery (ignored), or the error that
-        rejected it (nothing recorded)."""
+        items; publish their results. Freshness is checked and recorded for all of them, and
+        their results saved, in one transaction: the store's round trips, not the signature
+        checks, bound a verifier that takes one message at a time. Each outcome is the evidence
+        and its status, None for a duplicate delivery (ignored), or the error that rejected it
+        (nothing recorded)."""
         outcomes: list[Outcome] = [None] * len(items)
         verified: list[tuple[int, Evidence, Candidate]] = []
         for i, (device_id, token, need_fresh) in enumerate(items):
@@ -236,27 +236,26 @@ class Verifier:
         if not verified:
             return outcomes
         now = self.clock()
-        acceptances = self.store.accept_batch([c for _i, _e, c in verified], now)
         saved: list[StoredResult] = []
-        for (i, ev, candidate), acceptance in zip(verified, acceptances, strict=True):
-            try:
-                freshness = self._admitted(acceptance.freshness, ev, candidate.require_fresh)
-            except Rejected as e:
-                outcomes[i] = e
-                continue
-            if freshness is None:
-                self._count("duplicates")
-                continue
-            result = self._result(ev, freshness, now)
-            if acceptance.newest:  # late evidence does not replace a newer result
-                saved.append(
-                    StoredResult(
-                        ev.device_id, result.status, sign_result(result, self._result_key), now
-                    )
-                )
-            outcomes[i] = (ev, result)
-        if saved:
-            self.store.save_results(saved)
+
+        def results(acceptances: list[Acceptance]) -> list[StoredResult]:
+            for (i, ev, candidate), acceptance in zip(verified, acceptances, strict=True):
+                try:
+                    freshness = self._admitted(acceptance.freshness, ev, candidate.require_fresh)
+                except Rejected as e:
+                    outcomes[i] = e
+                    continue
+                if freshness is None:
+                    self._count("duplicates")
+                    continue
+                result = self._result(ev, freshness, now)
+                if acceptance.newest:  # late evidence does not replace a newer result
+                    token = sign_result(result, self._result_key)
+                    saved.append(StoredResult(ev.device_id, result.status, token, now))
+                outcomes[i] = (ev, result)
+            return saved
+
+        self.store.accept_batch([c for _i, _e, c in verified], now, results)
         for stored in saved:
             try:  # paho keeps it in flight
                 topic = topics.device_topic(stored.device_id, topics.RESULT)

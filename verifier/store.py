@@ -8,7 +8,7 @@ several verifier processes sharing one database stay correct.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +48,9 @@ class StoredResult:
     at: float
 
 
+MakeResults = Callable[[list[Acceptance]], Sequence[StoredResult]]
+
+
 class StateStore(Protocol):
     def sync_devices(self, records: Iterable[DeviceRecord]) -> None: ...
 
@@ -67,8 +70,12 @@ class StateStore(Protocol):
         evidence (its sequence number and hash); with `require_fresh`, PERIODIC records nothing."""
         ...
 
-    def accept_batch(self, items: Sequence[Candidate], now: float) -> list[Acceptance]:
-        """`accept_evidence` for several, in one transaction; verdicts in the items' order."""
+    def accept_batch(
+        self, items: Sequence[Candidate], now: float, results: MakeResults | None = None
+    ) -> list[Acceptance]:
+        """`accept_evidence` for several, in one transaction; verdicts in the items' order.
+        `results(verdicts)` is called inside that transaction, and the results it returns are
+        saved in it too: a result is stored exactly when the evidence it appraises is recorded."""
         ...
 
     def last_seq(self, device_id: str) -> int: ...

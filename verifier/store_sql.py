@@ -10,12 +10,12 @@ no nonce twice.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from provisioning.registry import DeviceRecord
-from verifier.store import Acceptance, Candidate, Freshness, StoredResult
+from verifier.store import Acceptance, Candidate, Freshness, MakeResults, StoredResult
 
 NONCE_RETENTION_S = 3600
 # Evidence may arrive out of order when several verifiers share the work: any sequence number not
@@ -35,12 +35,28 @@ class Dialect:
     blob: str  # "BLOB" or "BYTEA"
     real: str  # "REAL" or "DOUBLE PRECISION"
     boolean: str  # "INTEGER" or "BOOLEAN"
-    arrays: bool  # bulk parameters as arrays (one short statement text) or as placeholder lists
+    # Bulk parameters as arrays (one short statement text, so one prepared statement whatever the
+    # batch size), or as placeholder lists. `binary`: the placeholder of a parameter the driver
+    # sends in binary.
+    arrays: bool = False
+    binary: str = ""
 
-    def any_of(self, column: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
-        """`column` is one of `values`: the condition and its parameters."""
+    def _array(self, type_: str, values: Iterable[Any]) -> tuple[str, Any]:
+        """One array parameter: a byte-string array as a list the driver sends in binary (no hex
+        text to build and parse); any other as one literal that the server parses (the
+        driver's own conversion goes element by element in Python)."""
+        if type_ == self.blob:
+            return f"{self.binary}::{type_}[]", list(values)
+        return f"?::{type_}[]", array_literal(type_, values)
+
+    def any_of(self, column: str, type_: str, values: Sequence[Any]) -> tuple[str, list[Any]]:
+        """`column` (of SQL type `type_`) is one of `values`: the condition and its parameters.
+        On PostgreSQL a semi-join on the array, not `= ANY(array)`: the prepared statement's
+        generic plan for `= ANY` with `ORDER BY ... FOR UPDATE` walks the whole index,
+        comparing each key with each value."""
         if self.arrays:
-            return f"{column} = ANY(?)", [list(values)]
+            placeholder, param = self._array(type_, values)
+            return f"{column} IN (SELECT unnest({placeholder}))", [param]
         return f"{column} IN ({_marks(len(values))})", list(values)
 
     def table(self, types: Sequence[str], rows: Sequence[Sequence[Any]]) -> tuple[str, list[Any]]:
@@ -48,9 +64,12 @@ class Dialect:
         one statement writes a whole batch: a statement per row cost PostgreSQL a round of
         parse, plan and execute each, and its driver a query conversion each."""
         if self.arrays:
-            columns = ", ".join(f"?::{t}[]" for t in types)
+            arrays = [
+                self._array(t, c) for t, c in zip(types, zip(*rows, strict=True), strict=True)
+            ]
+            columns = ", ".join(placeholder for placeholder, _ in arrays)
             table = f"SELECT * FROM unnest({columns})"  # noqa: S608 - our type names only
-            return table, [list(c) for c in zip(*rows, strict=True)]
+            return table, [param for _, param in arrays]
         row = f"({_marks(len(types))})"
         return "VALUES " + ", ".join([row] * len(rows)), [v for r in rows for v in r]
 
@@ -86,6 +105,25 @@ CREATE TABLE IF NOT EXISTS results (
     at {self.real} NOT NULL
 );
 """
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_ELEMENT: dict[str, Callable[[Any], str]] = {
+    "text": _quoted,
+    "bigint": str,
+    "double precision": repr,  # the shortest text that reads back as the same float
+    "boolean": lambda v: "t" if v else "f",
+}
+
+
+def array_literal(type_: str, values: Iterable[Any]) -> str:
+    """A PostgreSQL array literal of `values` (NULL for None) of SQL type `type_` (text,
+    bigint, double precision or boolean)."""
+    element = _ELEMENT[type_.lower()]
+    return "{" + ",".join("NULL" if v is None else element(v) for v in values) + "}"
 
 
 @dataclass
@@ -160,9 +198,16 @@ def _decide(item: Candidate, state: _BatchState, now: float) -> Acceptance:  # n
     return Acceptance(freshness, newest)
 
 
-SQLITE = Dialect("?", "", "MAX", "BLOB", "REAL", "INTEGER", arrays=False)
+SQLITE = Dialect("?", "", "MAX", "BLOB", "REAL", "INTEGER")
 POSTGRES = Dialect(
-    "%s", " FOR UPDATE", "GREATEST", "BYTEA", "DOUBLE PRECISION", "BOOLEAN", arrays=True
+    "%s",
+    " FOR UPDATE",
+    "GREATEST",
+    "BYTEA",
+    "DOUBLE PRECISION",
+    "BOOLEAN",
+    arrays=True,
+    binary="%b",
 )
 
 
@@ -225,10 +270,13 @@ class SqlStore:
         item = Candidate(device_id, nonce, seq, token_hash, require_fresh)
         return self.accept_batch([item], now)[0].freshness
 
-    def accept_batch(self, items: Sequence[Candidate], now: float) -> list[Acceptance]:
+    def accept_batch(
+        self, items: Sequence[Candidate], now: float, results: MakeResults | None = None
+    ) -> list[Acceptance]:
         """Three reads (the devices' rows locked, in device order, so that two verifiers'
         batches cannot deadlock), the verdicts decided in order in memory, and the writes sent
-        together: a handful of round trips per batch instead of six per evidence."""
+        together: a handful of round trips per batch instead of six per evidence. The results
+        that `results` makes of the verdicts are saved in the same transaction."""
         if not items:
             return []
         device_ids = sorted({i.device_id for i in items})
@@ -236,11 +284,13 @@ class SqlStore:
             state = self._read_state(items, device_ids)
             verdicts = [_decide(item, state, now) for item in items]
             self._write_state(state, now)
+            if results is not None:
+                self._save_results(results(verdicts))
         return verdicts
 
     def _read_state(self, items: Sequence[Candidate], device_ids: list[str]) -> _BatchState:
         state, d = _BatchState(), self.dialect
-        is_device, device_params = d.any_of("device_id", device_ids)
+        is_device, device_params = d.any_of("device_id", "text", device_ids)
         for device_id, last_seq, last_hash in self._q(
             f"SELECT device_id, last_seq, last_hash FROM devices WHERE {is_device} "  # noqa: S608 - placeholders only
             "ORDER BY device_id{lock}",
@@ -248,13 +298,13 @@ class SqlStore:
         ).fetchall():
             last = None if last_hash is None else bytes(last_hash)
             state.devices[device_id] = _Device(int(last_seq), last)
-        is_seq, seq_params = d.any_of("seq", sorted({i.seq for i in items}))
+        is_seq, seq_params = d.any_of("seq", "bigint", sorted({i.seq for i in items}))
         for device_id, seq, hash_ in self._q(
             f"SELECT device_id, seq, hash FROM seen WHERE {is_device} AND {is_seq}",  # noqa: S608 - placeholders only
             [*device_params, *seq_params],
         ).fetchall():
             state.seen[(device_id, int(seq))] = bytes(hash_)
-        is_nonce, nonce_params = d.any_of("nonce", sorted({i.nonce for i in items}))
+        is_nonce, nonce_params = d.any_of("nonce", d.blob, sorted({i.nonce for i in items}))
         for nonce, device_id, used, expires in self._q(
             f"SELECT nonce, device_id, used, expires FROM nonces WHERE {is_nonce} "  # noqa: S608 - placeholders only
             "ORDER BY nonce{lock}",
@@ -267,7 +317,7 @@ class SqlStore:
         """The batch's writes, a statement each (the rows they touch are locked already)."""
         d = self.dialect
         if state.used_nonces:
-            is_nonce, params = d.any_of("nonce", state.used_nonces)
+            is_nonce, params = d.any_of("nonce", d.blob, state.used_nonces)
             self._q(f"UPDATE nonces SET used = ? WHERE {is_nonce}", [True, *params])  # noqa: S608 - placeholders only
         if state.new_seen:
             table, params = d.table(("text", "bigint", d.blob), state.new_seen)
@@ -295,6 +345,10 @@ class SqlStore:
         self.save_results([StoredResult(device_id, status, token, at)])
 
     def save_results(self, results: Sequence[StoredResult]) -> None:
+        with self._transaction():
+            self._save_results(results)
+
+    def _save_results(self, results: Sequence[StoredResult]) -> None:
         """Save results (for a device named twice, the later one), in one statement."""
         if not results:
             return
@@ -304,13 +358,12 @@ class SqlStore:
         ]
         d = self.dialect
         table, params = d.table(("text", "text", d.blob, d.real), rows)
-        with self._transaction():
-            self._q(
-                f"INSERT INTO results (device_id, status, token, at) {table} "
-                "ON CONFLICT (device_id) DO UPDATE SET status = excluded.status, "
-                "token = excluded.token, at = excluded.at",
-                params,
-            )
+        self._q(
+            f"INSERT INTO results (device_id, status, token, at) {table} "
+            "ON CONFLICT (device_id) DO UPDATE SET status = excluded.status, "
+            "token = excluded.token, at = excluded.at",
+            params,
+        )
 
     def result(self, device_id: str) -> StoredResult | None:
         row = self._q(
