@@ -233,7 +233,8 @@ def sqlite_accepted(db: Path) -> Callable[[], int]:
             return 0
         with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
             try:
-                return int(conn.execute("SELECT count(*) FROM seen").fetchone()[0])
+                row = conn.execute("SELECT coalesce(sum(accepted), 0) FROM devices").fetchone()
+                return int(row[0])
             except sqlite3.OperationalError:  # not created yet
                 return 0
 
@@ -258,7 +259,7 @@ class PostgresSchemas:
 
         def count() -> int:
             try:
-                query = f"SELECT count(*) FROM {schema}.seen"  # noqa: S608 - our schema name
+                query = f"SELECT coalesce(sum(accepted), 0) FROM {schema}.devices"  # noqa: S608 - our schema name
                 row = self._conn.execute(query.encode()).fetchone()
             except psycopg.errors.UndefinedTable:
                 return 0

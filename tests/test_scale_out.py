@@ -149,6 +149,26 @@ def test_a_batch_and_its_results_commit_or_roll_back_together(pg_schema: str) ->
     store.close()
 
 
+def test_a_schema_of_the_seen_table_era_is_upgraded_safely(pg_schema: str) -> None:
+    with psycopg.connect(PG_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {pg_schema}")
+        conn.execute(
+            f"CREATE TABLE {pg_schema}.devices (device_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+            "last_seq BIGINT NOT NULL DEFAULT 0, last_hash BYTEA, online BOOLEAN NOT NULL "
+            "DEFAULT FALSE, seen_at DOUBLE PRECISION NOT NULL DEFAULT 0, "
+            "challenged_at DOUBLE PRECISION NOT NULL DEFAULT 0)"
+        )
+        conn.execute(f"CREATE TABLE {pg_schema}.seen (device_id TEXT, seq BIGINT, hash BYTEA)")
+        conn.execute(f"INSERT INTO {pg_schema}.devices VALUES ('cam-1', 'active', 40)")  # noqa: S608 - test schema
+    store = PostgresStore(PG_URL, pg_schema)
+    verdict = store.accept_evidence("cam-1", os.urandom(32), 39, b"x" * 32, time.time())
+    assert verdict is Freshness.REPLAY  # inside the window when upgraded: refused
+    verdict = store.accept_evidence("cam-1", os.urandom(32), 41, b"y" * 32, time.time())
+    assert verdict is Freshness.PERIODIC
+    assert store._q("SELECT to_regclass('seen')").fetchone() == (None,)
+    store.close()
+
+
 def _appraised(procs: list[Proc]) -> list[tuple[int, str]]:
     out = []
     for k, p in enumerate(procs):

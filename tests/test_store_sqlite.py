@@ -150,6 +150,55 @@ def test_an_unseen_seq_within_the_window_is_accepted_once_out_of_order(
     assert accept(store, "dev-a", nonce(9), 8, "e8-again") is Freshness.REPLAY
 
 
+def test_the_window_keeps_each_seq_it_covers_as_it_slides(store: SqliteStore) -> None:
+    """The seen bitmap at its edges: the oldest seq still inside is accepted once, and what
+    was accepted stays seen while the window moves on, in one jump or across batches."""
+    accept(store, "dev-a", nonce(9), 5, "e5")
+    accept(store, "dev-a", nonce(9), 5 + SEQ_WINDOW - 1, "top")  # e5 is now the window's last bit
+    assert accept(store, "dev-a", nonce(9), 5, "e5-again") is Freshness.REPLAY
+    assert accept(store, "dev-a", nonce(9), 6, "e6") is Freshness.PERIODIC
+    assert accept(store, "dev-a", nonce(9), 6, "e6") is Freshness.DUPLICATE
+    accept(store, "dev-a", nonce(9), 5 + SEQ_WINDOW, "next")  # e5 falls out: a replay by age
+    assert accept(store, "dev-a", nonce(9), 5, "e5") is Freshness.REPLAY
+    assert accept(store, "dev-a", nonce(9), 6, "e6-other") is Freshness.REPLAY
+    assert accept(store, "dev-a", nonce(9), 7, "e7") is Freshness.PERIODIC
+    far = 2**62  # a jump far beyond the window: it starts afresh (and costs no more)
+    assert accept(store, "dev-a", nonce(9), far, "far") is Freshness.PERIODIC
+    assert accept(store, "dev-a", nonce(9), far - 1, "far-1") is Freshness.PERIODIC
+    assert accept(store, "dev-a", nonce(9), far - 1, "far-1-again") is Freshness.REPLAY
+
+
+def test_a_database_of_the_seen_table_era_is_upgraded_safely(db_path: Path) -> None:
+    """An earlier version kept seen sequence numbers in their own table. After the upgrade,
+    nothing in an active device's window can be accepted again; newer evidence is."""
+    with contextlib.closing(sqlite3.connect(db_path)) as old, old:
+        old.executescript(
+            """
+            CREATE TABLE devices (device_id TEXT PRIMARY KEY, status TEXT NOT NULL,
+                last_seq BIGINT NOT NULL DEFAULT 0, last_hash BLOB,
+                online INTEGER NOT NULL DEFAULT 0, seen_at REAL NOT NULL DEFAULT 0,
+                challenged_at REAL NOT NULL DEFAULT 0);
+            CREATE TABLE seen (device_id TEXT NOT NULL, seq BIGINT NOT NULL, hash BLOB NOT NULL,
+                PRIMARY KEY (device_id, seq));
+            INSERT INTO devices (device_id, status, last_seq) VALUES ('dev-a', 'active', 40),
+                ('dev-b', 'active', 0);
+            INSERT INTO seen VALUES ('dev-a', 38, x'00'), ('dev-a', 40, x'01');
+            """
+        )
+    s = SqliteStore(db_path)
+    assert accept(s, "dev-a", nonce(9), 38, "e38") is Freshness.REPLAY
+    assert accept(s, "dev-a", nonce(9), 39, "e39") is Freshness.REPLAY  # unknown: refused
+    assert accept(s, "dev-a", nonce(9), 41, "e41") is Freshness.PERIODIC
+    assert accept(s, "dev-b", nonce(9), 1, "b1") is Freshness.PERIODIC
+    tables = {r[0] for r in s._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert "seen" not in tables
+    s.close()
+    again = SqliteStore(db_path)  # an upgraded database opens as it is
+    assert accept(again, "dev-a", nonce(9), 40, "e40") is Freshness.REPLAY
+    assert accept(again, "dev-a", nonce(9), 41, "e41") is Freshness.DUPLICATE
+    again.close()
+
+
 def test_evidence_from_an_unknown_device_is_a_replay(store: SqliteStore) -> None:
     assert accept(store, "dev-z", nonce(1), 1, "e1") is Freshness.REPLAY
     assert store.last_seq("dev-z") == 0

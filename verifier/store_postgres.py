@@ -40,6 +40,7 @@ class PostgresStore(SqlStore):
             self._db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
             self._db.execute(f"SET search_path TO {schema}")
             self._db.execute(POSTGRES.schema().encode())
+            self._migrate()
 
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._db.execute(sql.encode(), params)  # our own SQL text, no user input

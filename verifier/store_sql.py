@@ -19,11 +19,12 @@ from verifier.store import Acceptance, Candidate, Freshness, MakeResults, Stored
 
 NONCE_RETENTION_S = 3600
 # Evidence may arrive out of order when several verifiers share the work: any sequence number not
-# seen before and above (highest - SEQ_WINDOW) is accepted once; anything else is a replay.
+# seen before and above (highest - SEQ_WINDOW) is accepted once; anything else is a replay. Which
+# ones were seen is a bitmap in the device's row, as in IPsec's and DTLS's anti-replay windows
+# (RFC 4303 section 3.4.3): bit k stands for sequence number (highest - k).
 SEQ_WINDOW = 1024
-# The window's old entries are pruned each time the sequence crosses a multiple of this (and after
-# out-of-order evidence), not on every evidence: the check above does not depend on them being gone.
-SEQ_PRUNE_EVERY = 64
+_WINDOW_BYTES = SEQ_WINDOW // 8
+_WINDOW_MASK = (1 << SEQ_WINDOW) - 1
 SYNC_CHUNK = 500  # devices per statement and transaction when the registry is synced
 
 
@@ -80,6 +81,8 @@ CREATE TABLE IF NOT EXISTS devices (
     status TEXT NOT NULL,
     last_seq BIGINT NOT NULL DEFAULT 0,
     last_hash {self.blob},
+    seen_window {self.blob},
+    accepted BIGINT NOT NULL DEFAULT 0,
     online {self.boolean} NOT NULL DEFAULT {"FALSE" if self.boolean == "BOOLEAN" else 0},
     seen_at {self.real} NOT NULL DEFAULT 0,
     challenged_at {self.real} NOT NULL DEFAULT 0
@@ -92,12 +95,6 @@ CREATE TABLE IF NOT EXISTS nonces (
 );
 -- issuing a challenge prunes nonces long expired: by index, not by scanning every nonce
 CREATE INDEX IF NOT EXISTS nonces_expires ON nonces (expires);
-CREATE TABLE IF NOT EXISTS seen (
-    device_id TEXT NOT NULL,
-    seq BIGINT NOT NULL,
-    hash {self.blob} NOT NULL,
-    PRIMARY KEY (device_id, seq)
-);
 CREATE TABLE IF NOT EXISTS results (
     device_id TEXT PRIMARY KEY,
     status TEXT NOT NULL,
@@ -130,7 +127,23 @@ def array_literal(type_: str, values: Iterable[Any]) -> str:
 class _Device:
     last_seq: int
     last_hash: bytes | None
-    prune: bool = False  # the sequence window moved on: drop what fell out of it
+    window: int  # bit k: sequence number last_seq - k was accepted
+    accepted: int = 0  # accepted in this batch
+
+    def seen(self, seq: int) -> bool:
+        return 0 <= self.last_seq - seq < SEQ_WINDOW and bool(
+            self.window >> (self.last_seq - seq) & 1
+        )
+
+    def record(self, seq: int, token_hash: bytes) -> None:
+        if seq > self.last_seq:  # slide the window (never shifting by more than its width)
+            shift = min(seq - self.last_seq, SEQ_WINDOW)
+            self.window = (self.window << shift | 1) & _WINDOW_MASK
+            self.last_seq = seq
+        else:
+            self.window |= 1 << (self.last_seq - seq)
+        self.last_hash = token_hash
+        self.accepted += 1
 
 
 @dataclass
@@ -146,10 +159,8 @@ class _BatchState:
     and the writes that follow from them."""
 
     devices: dict[str, _Device] = field(default_factory=dict)
-    seen: dict[tuple[str, int], bytes] = field(default_factory=dict)
     nonces: dict[bytes, _Nonce] = field(default_factory=dict)
     used_nonces: list[bytes] = field(default_factory=list)
-    new_seen: list[tuple[str, int, bytes]] = field(default_factory=list)
     changed: set[str] = field(default_factory=set)
 
 
@@ -167,8 +178,7 @@ def _decide(item: Candidate, state: _BatchState, now: float) -> Acceptance:  # n
     device = state.devices.get(item.device_id)
     if device is None:
         return Acceptance(Freshness.REPLAY, False)
-    seen = state.seen.get((item.device_id, item.seq))
-    if seen is not None:  # a redelivery of the latest is benign; anything older, a replay
+    if device.seen(item.seq):  # a redelivery of the latest is benign; anything older, a replay
         dup = Freshness.DUPLICATE if device.last_hash == item.token_hash else Freshness.REPLAY
         return Acceptance(dup, False)
     if item.seq <= device.last_seq - SEQ_WINDOW:
@@ -187,13 +197,8 @@ def _decide(item: Candidate, state: _BatchState, now: float) -> Acceptance:  # n
         found.used = True
         state.used_nonces.append(item.nonce)
         freshness = Freshness.FRESH
-    state.seen[(item.device_id, item.seq)] = item.token_hash
-    state.new_seen.append((item.device_id, item.seq, item.token_hash))
     newest = item.seq >= device.last_seq
-    crossed = item.seq // SEQ_PRUNE_EVERY != device.last_seq // SEQ_PRUNE_EVERY
-    device.prune = device.prune or crossed or not newest
-    device.last_seq = max(device.last_seq, item.seq)
-    device.last_hash = item.token_hash
+    device.record(item.seq, item.token_hash)
     state.changed.add(item.device_id)
     return Acceptance(freshness, newest)
 
@@ -235,6 +240,20 @@ class SqlStore:
     def _q_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
             self._execute_many(self._sql(sql), rows)
+
+    def _migrate(self) -> None:
+        """Bring a database written by an earlier version up to this schema (call it inside a
+        transaction): the table of seen sequence numbers became a bitmap in the device's row.
+        Every sequence number in an upgraded device's window counts as seen: late evidence from
+        before the upgrade is refused, never accepted twice."""
+        columns = {c[0] for c in self._q("SELECT * FROM devices LIMIT 0").description}
+        if "seen_window" in columns:
+            return
+        self._q(f"ALTER TABLE devices ADD COLUMN seen_window {self.dialect.blob}")
+        self._q("ALTER TABLE devices ADD COLUMN accepted BIGINT NOT NULL DEFAULT 0")
+        full = _WINDOW_MASK.to_bytes(_WINDOW_BYTES, "big")
+        self._q("UPDATE devices SET seen_window = ? WHERE last_seq > 0", (full,))
+        self._q("DROP TABLE IF EXISTS seen")
 
     def sync_devices(self, records: Iterable[DeviceRecord]) -> None:
         """Insert or update the devices' statuses, in device order (the lock order)."""
@@ -291,19 +310,14 @@ class SqlStore:
     def _read_state(self, items: Sequence[Candidate], device_ids: list[str]) -> _BatchState:
         state, d = _BatchState(), self.dialect
         is_device, device_params = d.any_of("device_id", "text", device_ids)
-        for device_id, last_seq, last_hash in self._q(
-            f"SELECT device_id, last_seq, last_hash FROM devices WHERE {is_device} "  # noqa: S608 - placeholders only
+        for device_id, last_seq, last_hash, window in self._q(
+            f"SELECT device_id, last_seq, last_hash, seen_window FROM devices WHERE {is_device} "  # noqa: S608 - placeholders only
             "ORDER BY device_id{lock}",
             device_params,
         ).fetchall():
             last = None if last_hash is None else bytes(last_hash)
-            state.devices[device_id] = _Device(int(last_seq), last)
-        is_seq, seq_params = d.any_of("seq", "bigint", sorted({i.seq for i in items}))
-        for device_id, seq, hash_ in self._q(
-            f"SELECT device_id, seq, hash FROM seen WHERE {is_device} AND {is_seq}",  # noqa: S608 - placeholders only
-            [*device_params, *seq_params],
-        ).fetchall():
-            state.seen[(device_id, int(seq))] = bytes(hash_)
+            bits = 0 if window is None else int.from_bytes(window, "big")
+            state.devices[device_id] = _Device(int(last_seq), last, bits)
         is_nonce, nonce_params = d.any_of("nonce", d.blob, sorted({i.nonce for i in items}))
         for nonce, device_id, used, expires in self._q(
             f"SELECT nonce, device_id, used, expires FROM nonces WHERE {is_nonce} "  # noqa: S608 - placeholders only
@@ -319,23 +333,25 @@ class SqlStore:
         if state.used_nonces:
             is_nonce, params = d.any_of("nonce", d.blob, state.used_nonces)
             self._q(f"UPDATE nonces SET used = ? WHERE {is_nonce}", [True, *params])  # noqa: S608 - placeholders only
-        if state.new_seen:
-            table, params = d.table(("text", "bigint", d.blob), state.new_seen)
-            self._q(f"INSERT INTO seen (device_id, seq, hash) {table}", params)
-        changed = [(i, state.devices[i]) for i in sorted(state.changed)]
-        if changed:
-            rows = [(i, dev.last_seq, dev.last_hash) for i, dev in changed]
-            table, params = d.table(("text", "bigint", d.blob), rows)
+        rows = [
+            (
+                i,
+                dev.last_seq,
+                dev.last_hash,
+                dev.window.to_bytes(_WINDOW_BYTES, "big"),
+                dev.accepted,
+            )
+            for i, dev in ((i, state.devices[i]) for i in sorted(state.changed))
+        ]
+        if rows:
+            table, params = d.table(("text", "bigint", d.blob, d.blob, "bigint"), rows)
             self._q(
-                f"WITH v (device_id, last_seq, last_hash) AS ({table}) "  # noqa: S608 - placeholders only
-                "UPDATE devices SET last_seq = v.last_seq, last_hash = v.last_hash, seen_at = ? "
-                "FROM v WHERE devices.device_id = v.device_id",
+                f"WITH v (device_id, last_seq, last_hash, seen_window, accepted) AS ({table}) "  # noqa: S608 - placeholders only
+                "UPDATE devices SET last_seq = v.last_seq, last_hash = v.last_hash, "
+                "seen_window = v.seen_window, accepted = devices.accepted + v.accepted, "
+                "seen_at = ? FROM v WHERE devices.device_id = v.device_id",
                 [*params, now],
             )
-        self._q_many(
-            "DELETE FROM seen WHERE device_id = ? AND seq <= ?",
-            [(d, dev.last_seq - SEQ_WINDOW) for d, dev in changed if dev.prune],
-        )
 
     def last_seq(self, device_id: str) -> int:
         row = self._q("SELECT last_seq FROM devices WHERE device_id = ?", (device_id,)).fetchone()

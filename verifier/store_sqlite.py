@@ -20,6 +20,8 @@ class SqliteStore(SqlStore):
         self._enable_wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SQLITE.schema())
+        with self._transaction():
+            self._migrate()
 
     def _enable_wal(self, timeout_s: float = 30.0) -> None:
         """Switching to WAL needs the database to itself, and SQLite does not wait for that (the
