@@ -21,7 +21,7 @@ enclave, the time from `device revoke` to the enclave's confirmed wipe.
 Targets (issue "Continuous trust"): one process >= 35% of the raw verification rate; two processes
 >= 1.5x one.
 
-    python bench/verifier_throughput.py [--devices 1000] [--rounds 8] [--repeat 3]
+    python bench/verifier_throughput.py [--devices 1000] [--rounds 16] [--repeat 3]
         [--pg postgresql://postgres@127.0.0.1/test]
 """
 
@@ -323,7 +323,7 @@ def revoke_to_wipe(root: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--devices", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=8, help="backlog: evidence per device")
+    parser.add_argument("--rounds", type=int, default=16, help="backlog: evidence per device")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each case")
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()

@@ -121,6 +121,7 @@ class _BufferedPaho(paho.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._rbuf, self._rpos = b"", 0
+        self.room: Callable[[], bool] = lambda: True  # whether the owner can take a message
         self._wbuf: list[bytes] = []
 
     def buffered(self) -> bool:
@@ -128,6 +129,8 @@ class _BufferedPaho(paho.Client):
         return self._rpos < len(self._rbuf)
 
     def _sock_recv(self, bufsize: int) -> bytes:
+        if not self.room():  # paho keeps its place in a packet and reads on later
+            raise BlockingIOError
         if self._rpos >= len(self._rbuf):
             data = super()._sock_recv(READ_CHUNK)  # BlockingIOError: nothing there yet
             if len(data) <= bufsize:
@@ -176,8 +179,9 @@ class MqttClient:
         self.settings, self.driven = settings, driven
         self.inbox: queue.Queue[Inbound] = queue.Queue(maxsize=settings.inbox_size)
         self.connected = threading.Event()
-        self.dropped = 0
+        self.dropped = 0  # messages that found the inbox full (none: see _room)
         self.last_error = ""
+        self._paused = False
         self._subscriptions: dict[str, int] = {}
         self._suback: dict[int, list[int]] = {}
         self._suback_cond = threading.Condition()
@@ -214,6 +218,7 @@ class MqttClient:
         client.max_queued_messages_set(0)
         if s.will is not None:
             client.will_set(s.will.topic, s.will.payload, s.will.qos, s.will.retain)
+        client.room = self._room
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -237,8 +242,10 @@ class MqttClient:
             self.inbox.put_nowait(
                 Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
             )
-        except queue.Full:
+        except queue.Full:  # not by the window: a broker that ignores our Receive Maximum
             self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.error("mqtt_inbox_full", dropped=self.dropped, topic=msg.topic[:120])
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, mid: int, codes: Any, _p: Any) -> None:
         with self._suback_cond:
@@ -252,7 +259,17 @@ class MqttClient:
             return None
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho lacks a hint
         props.SessionExpiryInterval = self.settings.session_expiry_s
+        props.ReceiveMaximum = self.settings.max_inflight  # unacknowledged messages to us
         return props
+
+    def _room(self) -> bool:
+        """Whether the inbox has room. paho acknowledges each message as it reads it, so one
+        read into a full inbox would be lost: the socket reads nothing more (`_BufferedPaho.
+        room`) until the consumer has taken one (`receive` wakes the network thread). A slow
+        consumer holds the broker back instead, whatever the broker sends at once (Mosquitto
+        restoring a saved session sends its whole queue)."""
+        self._paused = self.inbox.qsize() >= self.settings.inbox_size
+        return not self._paused
 
     def _wake(self) -> None:
         """Wake the network thread to send what a caller queued (once until it has woken)."""
@@ -278,16 +295,20 @@ class MqttClient:
             return int(paho.MQTT_ERR_NO_CONN)
         with self._lock:
             want_write, buffered = client.want_write(), client.buffered()
+        room = self._room()
         try:
             readable, _, _ = select.select(
-                [sock, self._wake_r], [sock] if want_write else [], [], 0 if buffered else timeout
+                [sock, self._wake_r] if room else [self._wake_r],
+                [sock] if want_write else [],
+                [],
+                0 if buffered and room else timeout,
             )
         except (OSError, ValueError):
             return int(paho.MQTT_ERR_CONN_LOST)
         if self._wake_r in readable:
             self._woken()
         with self._lock:
-            if sock in readable or buffered:
+            if room and (sock in readable or buffered):
                 rc = client.loop_read()
                 if rc != paho.MQTT_ERR_SUCCESS:
                     return int(rc)
@@ -367,6 +388,8 @@ class MqttClient:
             sock = self._client.socket()
             if not self._up or sock is None:
                 return
+            if not self._room():
+                return  # the owner takes from the inbox first
             if not (self._client.buffered() or select.select([sock], [], [], 0)[0]):
                 return
             self._turn(0)
@@ -450,9 +473,12 @@ class MqttClient:
                 self.pump(timeout)
             timeout = 0
         try:
-            return self.inbox.get(timeout=timeout)
+            msg = self.inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        if self._paused:
+            self._wake()  # the network thread may read again
+        return msg
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -127,3 +127,39 @@ def test_a_clean_stop_sends_its_disconnect_so_the_will_stays_unpublished(
         assert seen == []
     finally:
         observer.stop()
+
+
+@pytest.mark.parametrize("driven", [False, True], ids=["threaded", "driven"])
+def test_a_backlog_larger_than_the_inbox_arrives_whole(
+    broker: Broker, tmp_path: Path, driven: bool
+) -> None:
+    """Coming back to a queued backlog many times its inbox, which the broker sends at once
+    (here: a Receive Maximum above the backlog; Mosquitto restoring a saved session does the
+    same whatever it is): the client reads no more than its inbox holds, so a slow consumer
+    loses nothing (a message read into a full inbox would be acknowledged and dropped)."""
+    home = broker.home
+    enroll_device(home, "cam-1", tmp_path / "cam-1")
+    cn, cert, key = home.verifier_identity(0)
+    settings = MqttSettings(
+        "localhost", broker.port, home.ca_cert, cert, key, cn, inbox_size=20, max_inflight=1000
+    )
+    verifier = MqttClient(settings, driven=driven).start()
+    verifier.wait_connected(10)
+    verifier.subscribe(topics.any_device(topics.EVIDENCE))
+    verifier.stop()
+    device = bundle_client(broker.port, tmp_path / "cam-1", "cam-1")
+    device.wait_connected(10)
+    sent = [f"evidence {i}".encode() * 20 for i in range(600)]
+    for payload in sent:
+        device.publish(topics.device_topic("cam-1", topics.EVIDENCE), payload, wait=False)
+    device.publish(topics.device_topic("cam-1", topics.STATUS), b"", wait=True)
+    device.stop()
+    verifier = MqttClient(settings, driven=driven).start()
+    try:
+        verifier.wait_connected(10)
+        time.sleep(0.5)  # the broker sends what it may at once
+        got = _receive_all(verifier, len(sent))
+        assert verifier.dropped == 0
+        assert [m.payload for m in got] == sent
+    finally:
+        verifier.stop()
