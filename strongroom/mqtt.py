@@ -242,7 +242,7 @@ class MqttClient:
             self.inbox.put_nowait(
                 Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
             )
-        except queue.Full:  # not by the window: a broker that ignores our Receive Maximum
+        except queue.Full:  # not while the socket pauses at a full inbox (see _room)
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.error("mqtt_inbox_full", dropped=self.dropped, topic=msg.topic[:120])
