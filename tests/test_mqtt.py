@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,10 +28,13 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     b.stop()
 
 
-def _verifier_client(home: FleetHome, port: int, *, driven: bool) -> MqttClient:
+def _verifier_settings(home: FleetHome, port: int, **options: Any) -> MqttSettings:
     cn, cert, key = home.verifier_identity(0)
-    settings = MqttSettings("localhost", port, home.ca_cert, cert, key, cn)
-    return MqttClient(settings, driven=driven).start()
+    return MqttSettings("localhost", port, home.ca_cert, cert, key, cn, **options)
+
+
+def _verifier_client(home: FleetHome, port: int, *, driven: bool) -> MqttClient:
+    return MqttClient(_verifier_settings(home, port), driven=driven).start()
 
 
 def _receive_all(client: MqttClient, n: int, timeout: float = 30) -> list[Inbound]:
@@ -139,10 +143,7 @@ def test_a_backlog_larger_than_the_inbox_arrives_whole(
     loses nothing (a message read into a full inbox would be acknowledged and dropped)."""
     home = broker.home
     enroll_device(home, "cam-1", tmp_path / "cam-1")
-    cn, cert, key = home.verifier_identity(0)
-    settings = MqttSettings(
-        "localhost", broker.port, home.ca_cert, cert, key, cn, inbox_size=20, max_inflight=1000
-    )
+    settings = _verifier_settings(home, broker.port, inbox_size=20, max_inflight=1000)
     verifier = MqttClient(settings, driven=driven).start()
     verifier.wait_connected(10)
     verifier.subscribe(topics.any_device(topics.EVIDENCE))

@@ -45,10 +45,6 @@ class PostgresStore(SqlStore):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._db.execute(sql.encode(), params)  # our own SQL text, no user input
 
-    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        with self._db.cursor() as cursor:  # psycopg pipelines these: one round trip
-            cursor.executemany(sql.encode(), rows)
-
     def _transaction(self) -> contextlib.AbstractContextManager[Any]:
         return self._db.transaction()
 

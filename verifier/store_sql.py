@@ -227,19 +227,12 @@ class SqlStore:
     def _transaction(self) -> contextlib.AbstractContextManager[None]:
         raise NotImplementedError
 
-    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        raise NotImplementedError
-
     def _sql(self, sql: str) -> str:
         d = self.dialect
         return sql.format(lock=d.lock, greatest=d.greatest).replace("?", d.param)
 
     def _q(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._execute(self._sql(sql), params)
-
-    def _q_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if rows:
-            self._execute_many(self._sql(sql), rows)
 
     def _migrate(self) -> None:
         """Bring a database written by an earlier version up to this schema (call it inside a

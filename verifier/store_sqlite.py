@@ -39,9 +39,6 @@ class SqliteStore(SqlStore):
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         return self._db.execute(sql, params)
 
-    def _execute_many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        self._db.executemany(sql, rows)
-
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
         with self._db:  # commits, or rolls back on an exception
