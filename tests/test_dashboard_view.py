@@ -102,6 +102,61 @@ def test_garbage_on_a_result_topic_is_unverified(payload: bytes) -> None:
     assert the_row(view, "cam-1").status == "unverified"
 
 
+GENUINE = token("cam-1")
+NOT_A_RESULT = {
+    "garbage": b"garbage",
+    "truncated": GENUINE[:-7],
+    "trailing-garbage": GENUINE + b"garbage",
+    "cleared": b"",  # an empty retained message: the MQTT way to withdraw a retained result
+}
+
+
+@pytest.mark.parametrize("payload", NOT_A_RESULT.values(), ids=NOT_A_RESULT.keys())
+def test_whatever_follows_a_trusted_result_if_it_does_not_verify_the_device_is_unverified(
+    payload: bytes,
+) -> None:
+    view = fresh_view()
+    view.apply(result_topic("cam-1"), GENUINE, NOW)
+    view.record_history(NOW)
+    assert view.apply(result_topic("cam-1"), payload, NOW + 1)
+    view.record_history(NOW + 5)
+    row = the_row(view, "cam-1")
+    assert row.status == "unverified" and row.result == ""  # nothing says "affirming" any more
+    assert row.reasons[0].startswith("unverified result:")
+    assert counted(view) == {"unverified": 1}
+    assert fq.summary(view, NOW)["counts"]["affirming"] == 0
+    assert fq.history(view)["samples"][-1][1][CATEGORIES.index("unverified")] == 1
+    doc = json.loads(json.dumps(fq.snapshot(view, NOW)))
+    assert [(r["status"], r["result"]) for r in doc["devices"]] == [("unverified", "")]
+    assert (doc["summary"]["counts"]["unverified"], doc["summary"]["counts"]["affirming"]) == (1, 0)
+    detail = fq.detail(view, "cam-1", NOW)
+    assert detail is not None and detail["unverified"] and detail["row"]["status"] == "unverified"
+
+
+@pytest.mark.parametrize("payload", NOT_A_RESULT.values(), ids=NOT_A_RESULT.keys())
+def test_only_a_genuine_result_at_least_as_new_ends_the_doubt(payload: bytes) -> None:
+    view = fresh_view()
+    view.apply(result_topic("cam-1"), GENUINE, NOW)
+    view.apply(result_topic("cam-1"), payload, NOW)
+    assert not view.apply(result_topic("cam-1"), token("cam-1", iat=NOW - 60), NOW)
+    assert the_row(view, "cam-1").status == "unverified"  # an older genuine result is a replay
+    assert view.apply(result_topic("cam-1"), GENUINE, NOW)  # the verifier's latest, again
+    assert the_row(view, "cam-1").status == "affirming"
+
+
+def test_a_result_the_parser_chokes_on_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
+    view = fresh_view()
+    view.apply(result_topic("cam-1"), GENUINE, NOW)
+
+    def choke(_payload: bytes, _key: object) -> None:
+        raise TypeError("a bug in parsing")
+
+    monkeypatch.setattr("verifier.dashboard.view.verify_result", choke)
+    assert view.apply(result_topic("cam-1"), GENUINE, NOW)  # raises nothing
+    row = the_row(view, "cam-1")
+    assert row.status == "unverified" and "TypeError" in row.reasons[0]
+
+
 def test_a_forgery_hides_the_trusted_status_until_the_verifier_speaks_again() -> None:
     view = fresh_view()
     view.apply(result_topic("cam-1"), token("cam-1", "contraindicated"), NOW)

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,35 @@ def test_the_api_serves_the_fleet_view(client: TestClient) -> None:
     assert client.get("/api/devices", params={"sort": "nope"}).status_code == 400
     assert client.get("/api/history").json()["categories"][0] == "affirming"
     assert client.get("/api/alerts").json() == {"alerts": []}
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda _token: b"garbage", id="garbage"),
+        pytest.param(lambda token: token[:-7], id="truncated"),
+        pytest.param(lambda token: token + b"garbage", id="trailing-garbage"),
+        pytest.param(lambda _token: b"", id="cleared"),
+    ],
+)
+def test_the_api_shows_a_device_unverified_after_anything_that_does_not_verify(
+    live: LiveView, client: TestClient, fleet_home: FleetHome, spoil: Callable[[bytes], bytes]
+) -> None:
+    topic = topics.device_topic("cam-1", topics.RESULT)
+    result = AttestationResult(
+        "cam-1", "affirming", {"hardware": 2}, (), "policy:v1", int(time.time()) + 1, {}
+    )
+    genuine = sign_result(result, result_key(fleet_home))
+    assert live.use(lambda v: v.apply(topic, genuine, time.time()))
+    assert client.get("/api/summary").json()["counts"]["affirming"] == 1
+    live.use(lambda v: v.apply(topic, spoil(genuine), time.time()))
+    counts = client.get("/api/summary").json()["counts"]
+    assert counts["unverified"] == 1 and counts["affirming"] == 0
+    (row,) = client.get("/api/devices").json()["rows"]
+    assert (row["status"], row["result"]) == ("unverified", "")
+    assert client.get("/api/devices", params={"status": "affirming"}).json()["matched"] == 0
+    detail = client.get("/api/devices/cam-1").json()
+    assert detail["row"]["status"] == "unverified" and detail["unverified"]
 
 
 def test_the_update_stream_sends_the_summary_and_what_changed(live: LiveView) -> None:

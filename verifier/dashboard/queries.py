@@ -22,7 +22,7 @@ _RANK = {name: i for i, name in enumerate(PRECEDENCE)}
 class Row:
     device_id: str
     status: str  # the summary category
-    result: str  # status of the latest verified result ("" if none)
+    result: str  # status of the latest verified result ("" if none, or while unverified)
     reasons: tuple[str, ...]
     firmware: str
     svn: int | None
@@ -59,7 +59,7 @@ def row(d: DeviceState) -> Row:
     return Row(
         device_id=d.device_id,
         status=d.category,
-        result=d.result.status if d.result is not None else "",
+        result=d.result.status if d.result is not None and not d.unverified else "",
         reasons=_reasons(d),
         firmware=str(details.get("firmware", "")),
         svn=svn if isinstance(svn, int) and not isinstance(svn, bool) else None,

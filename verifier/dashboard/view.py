@@ -5,8 +5,11 @@ entries). Shared by the web dashboard and `strongroom status`. Pure: no I/O; cal
 verifier's public key is given as data.
 
 Trust rule: a result counts only once its signature verifies with the verifier's key and it names
-the device of its topic. Anything else on a result topic makes the device "unverified" until a
-verifiable result arrives, and nothing from the unverifiable bytes is shown.
+the device of its topic. Anything else on a result topic, whatever the bytes, makes the device
+"unverified" until a verifiable result at least as new arrives, and nothing from the unverifiable
+bytes is shown. That includes an empty payload: MQTT's way of clearing a retained message, which
+the verifier never does (it only replaces a result), so a consumer that sees a result withdrawn
+stops trusting the device; one that subscribes afterwards gets no result at all (pending).
 """
 
 from __future__ import annotations
@@ -163,7 +166,8 @@ class FleetView:
     # -- inputs --------------------------------------------------------------------------------
 
     def apply(self, topic: str, payload: bytes, now: float) -> bool:
-        """One inbound MQTT message (a result, a status or an alert); others are ignored."""
+        """One inbound MQTT message (a result, a status or an alert); others are ignored. Raises
+        nothing, whatever the bytes: one bad message must not cost the rest of a batch."""
         if topic == topics.ALERTS:
             return self.apply_alert(payload)
         try:
@@ -178,13 +182,9 @@ class FleetView:
         return False
 
     def apply_result(self, device_id: str, payload: bytes) -> bool:
-        if not payload:  # a cleared retained message: nothing to believe or to doubt
-            return False
         d = self._device(device_id)
         try:
-            result = verify_result(payload, self._key)
-            if result.device_id != device_id:
-                raise FormatError("the result names another device than its topic")
+            result = _verified_result(payload, self._key, device_id)
         except StrongroomError as e:
             d.unverified = _why_unverified(e)
             self._changed(d)
@@ -209,7 +209,7 @@ class FleetView:
             return False
         try:
             status = messages.Status.decode(payload)
-        except FormatError:
+        except Exception:  # whatever the bytes: a malformed status is dropped and counted
             self.ignored += 1
             return False
         d = self._device(device_id)
@@ -223,7 +223,7 @@ class FleetView:
     def apply_alert(self, payload: bytes) -> bool:
         try:
             alert = messages.Alert.decode(payload)
-        except FormatError:
+        except Exception:  # whatever the bytes: a malformed alert is dropped and counted
             self.ignored += 1
             return False
         self.alert_count += 1
@@ -290,6 +290,22 @@ class FleetView:
             if self.history[-1][1] == counts:
                 return
         self.history.append((now, counts))
+
+
+def _verified_result(payload: bytes, key: VerifyKey, device_id: str) -> AttestationResult:
+    """The result on `device_id`'s topic, verified; FormatError (or SignatureError) for anything
+    else, including an exception the parser should not have raised: that one fails closed too."""
+    if not payload:
+        raise FormatError("the retained result was cleared by an empty message")
+    try:
+        result = verify_result(payload, key)
+    except StrongroomError:
+        raise
+    except Exception as e:  # a parser bug must not leave the device trusted
+        raise FormatError(f"the result could not be checked ({type(e).__name__})") from e
+    if result.device_id != device_id:
+        raise FormatError("the result names another device than its topic")
+    return result
 
 
 def _why_unverified(e: StrongroomError) -> str:
