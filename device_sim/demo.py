@@ -30,7 +30,7 @@ from provisioning.home import DASHBOARD_CN, FleetHome, init_home
 from provisioning.seal import seal_artifact
 from strongroom import messages, topics
 from strongroom.ear import verify_result
-from strongroom.errors import EnvironmentFault, StrongroomError
+from strongroom.errors import EnvironmentFault, FormatError, StrongroomError
 from strongroom.mqtt import MqttClient, MqttSettings
 from strongroom.signals import stop_event
 
@@ -174,12 +174,17 @@ class Demo:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and not until(latest):
             msg = self.observer.receive(0.2)
-            if msg is None or not msg.payload:
+            if msg is None:
                 continue
             try:
                 device, leaf = topics.parse(msg.topic) if msg.topic != topics.ALERTS else ("", "")
+            except StrongroomError:
+                continue
+            try:
                 if leaf == topics.RESULT:
                     r = verify_result(msg.payload, key)
+                    if r.device_id != device:
+                        raise FormatError("the result names another device than its topic")
                     why = f": {'; '.join(r.reasons)}" if r.reasons else ""
                     self.say(f"  {device:8} result  {r.status:16} (signed by the verifier){why}")
                     latest[device] = r.status
@@ -191,8 +196,10 @@ class Demo:
                             "plaintext and confirmed"
                         )
                         latest[device] = "revoked"
-            except StrongroomError:
-                continue
+            except StrongroomError as e:
+                if leaf == topics.RESULT:  # not believed, and the device is trusted no longer
+                    self.say(f"  {device:8} result  unverified: {str(e)[:120]}")
+                    latest[device] = "unverified"
         return latest
 
     def run(self) -> int:

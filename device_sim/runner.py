@@ -181,7 +181,8 @@ def _observed(fleet: FleetLog, topic: str, payload: bytes, verifier_key: Any) ->
         device, leaf = topics.parse(topic)
         if leaf == topics.RESULT and payload:
             r = verify_result(payload, verifier_key)
-            fleet.result(device, now, r.status, "; ".join(r.reasons))
+            if r.device_id == device:  # another device's result proves nothing about this one
+                fleet.result(device, now, r.status, "; ".join(r.reasons))
         elif leaf == topics.STATUS and payload:
             fleet.status(device, messages.Status.decode(payload).report)
     except StrongroomError:
