@@ -13,12 +13,24 @@ from dataclasses import dataclass
 
 import cbor2
 
-from strongroom.errors import FormatError
-from strongroom.signing import SigningKey, VerifyKey
+from strongroom.fields import DEVICE_ID_RE, Bytes, Map, Text, Time, decode
+from strongroom.signing import SIGNATURE_SIZE, SigningKey, VerifyKey
 
 COMMAND_DOMAIN = b"strongroom/command/v1"
 ACTIONS = ("revoke",)
 MAX_COMMAND = 4096
+MAX_REASON = 500
+# The signed envelope, then the body it covers (checked only once the signature verifies).
+ENVELOPE = Map({"body": Bytes(1, MAX_COMMAND), "sig": Bytes.exactly(SIGNATURE_SIZE)}, extra=True)
+BODY = Map(
+    {
+        "action": Text(16, choices=ACTIONS),
+        "device": Text(64, 1, pattern=DEVICE_ID_RE),
+        "reason": Text(MAX_REASON),
+        "issued_at": Time(),
+        "nonce": Bytes(16, 64),
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -31,7 +43,7 @@ class Command:
 
     @classmethod
     def revoke(cls, device_id: str, reason: str, now: float) -> Command:
-        return cls("revoke", device_id, reason[:500], now, os.urandom(16))
+        return cls("revoke", device_id, reason[:MAX_REASON], now, os.urandom(16))
 
     def body(self) -> bytes:
         return cbor2.dumps(
@@ -52,28 +64,9 @@ def sign_command(command: Command, key: SigningKey) -> bytes:
 
 
 def verify_command(payload: bytes, key: VerifyKey) -> Command:
-    """The command if the verifier signed it; SignatureError or FormatError otherwise."""
-    if len(payload) > MAX_COMMAND:
-        raise FormatError("command is too large")
-    try:
-        outer = cbor2.loads(payload)
-        body, sig = outer["body"], outer["sig"]
-        if not isinstance(body, bytes) or not isinstance(sig, bytes):
-            raise TypeError("body and sig must be bytes")
-    except Exception as e:  # any malformed command is the same failure
-        raise FormatError("command is malformed") from e
-    key.verify(COMMAND_DOMAIN, body, sig)
-    try:
-        d = cbor2.loads(body)
-        command = Command(
-            str(d["action"]),
-            str(d["device"]),
-            str(d["reason"]),
-            float(d["issued_at"]),
-            bytes(d["nonce"]),
-        )
-    except Exception as e:  # signed but unreadable: still refused
-        raise FormatError("command body is malformed") from e
-    if command.action not in ACTIONS:
-        raise FormatError(f"unknown command {command.action!r}")
-    return command
+    """The command if the verifier signed it; SignatureError or FormatError otherwise (a signed
+    body out of its schema too: the action, device, reason, time and nonce are all checked)."""
+    outer = decode(payload, ENVELOPE, "command", max_size=MAX_COMMAND, max_depth=2)
+    key.verify(COMMAND_DOMAIN, outer["body"], outer["sig"])
+    d = decode(outer["body"], BODY, "command body", max_size=MAX_COMMAND, max_depth=2)
+    return Command(d["action"], d["device"], d["reason"], d["issued_at"], d["nonce"])

@@ -13,7 +13,6 @@ headers, trailing bytes, wrong types) is refused. Pure: bytes in, objects out.
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,7 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from strongroom.errors import FormatError, SignatureError
-from strongroom.signing import SigningKey, VerifyKey
+from strongroom.fields import Anything, Bytes, MapOf, Time, Tuple, load_cbor
+from strongroom.signing import SIGNATURE_SIZE, SigningKey, VerifyKey
 
 COSE_SIGN1_TAG, CWT_TAG = 18, 61
 ALG, CRIT, KID = 1, 2, 4
@@ -37,6 +37,17 @@ _PROTECTED = cbor2.dumps({ALG: EDDSA})
 _SIG_STRUCTURE_HEAD = b"\x84\x6aSignature1"  # array(4), text(10) "Signature1"
 _EMPTY_BSTR = b"\x40"
 _SIGN1_HEAD = b"\xd2\x84"  # tag 18, array(4)
+# Bounds: a token, its protected header and its key id (evidence 16 KiB and results 64 KiB are
+# capped again by their modules); claims nest at most 16 deep.
+MAX_TOKEN = 64 * 1024
+MAX_HEADER = 1024
+MAX_KID = 256
+MAX_DEPTH = 16
+_HEADERS = MapOf(Anything(), Anything(), hi=16)
+_ENVELOPE = Tuple(
+    (Bytes(0, MAX_HEADER), _HEADERS, Bytes(0, MAX_TOKEN), Bytes.exactly(SIGNATURE_SIZE))
+)
+_TIME_CLAIM = Time()
 
 
 @dataclass(frozen=True)
@@ -81,52 +92,47 @@ def sign(claims: dict[int, Any], key: SigningKey, kid: bytes) -> bytes:
     return b"".join((_SIGN1_HEAD, bstr(_PROTECTED), unprotected, bstr(payload), bstr(signature)))
 
 
-def _load_one(data: bytes, what: str) -> Any:
-    """Exactly one CBOR item: malformed input and trailing bytes are refused."""
-    stream = io.BytesIO(data)
-    try:
-        obj = cbor2.CBORDecoder(stream).decode()
-    except Exception as e:  # cbor2 raises several types for malformed input
-        raise FormatError(f"{what} is not well-formed CBOR") from e
-    if stream.tell() != len(data):
-        raise FormatError(f"{what} has data after its end")
-    return obj
-
-
 def parse(token: bytes, what: str) -> Sign1:
     """The structure of a token, checked; FormatError for anything that is not our COSE_Sign1."""
-    obj = _load_one(token, what)
+    obj = load_cbor(
+        token, what, max_size=MAX_TOKEN, max_depth=MAX_DEPTH, tags=(CWT_TAG, COSE_SIGN1_TAG)
+    )
     if isinstance(obj, cbor2.CBORTag) and obj.tag == CWT_TAG:
         obj = obj.value
     if isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG:
         obj = obj.value
-    if not (isinstance(obj, list) and len(obj) == 4):
+    if isinstance(obj, cbor2.CBORTag) or not (isinstance(obj, list) and len(obj) == 4):
         raise FormatError(f"{what} is not a COSE_Sign1")
-    protected, unprotected, payload, signature = obj
-    if not (
-        isinstance(protected, bytes)
-        and isinstance(unprotected, dict)
-        and isinstance(payload, bytes)
-        and isinstance(signature, bytes)
-    ):
-        raise FormatError(f"{what} is not a COSE_Sign1")
+    protected, unprotected, payload, signature = _ENVELOPE.check(obj, f"{what} (COSE_Sign1)")
     headers = _protected_headers(protected, what)
-    if headers.get(ALG) != EDDSA or ALG in unprotected or CRIT in headers or CRIT in unprotected:
+    if (
+        not _is_eddsa(headers.get(ALG))
+        or ALG in unprotected
+        or CRIT in headers
+        or (CRIT in unprotected)
+    ):
         raise FormatError(f"{what} is not signed with EdDSA (or asks for unknown headers)")
     kid = headers.get(KID, unprotected.get(KID, b""))
     if isinstance(kid, str):
         kid = kid.encode()
-    if not isinstance(kid, bytes):
-        raise FormatError(f"{what} has a malformed key id")
+    if not isinstance(kid, bytes) or len(kid) > MAX_KID:
+        raise FormatError(f"{what} has a malformed key id (a byte string of at most {MAX_KID})")
     return Sign1(protected, kid, payload, signature)
+
+
+def _is_eddsa(alg: Any) -> bool:
+    return type(alg) is int and alg == EDDSA
 
 
 def _protected_headers(protected: bytes, what: str) -> dict[Any, Any]:
     if protected == _PROTECTED:  # ours: no need to decode it
         return {ALG: EDDSA}
-    headers = _load_one(protected, f"{what} protected header") if protected else {}
-    if not isinstance(headers, dict):
-        raise FormatError(f"{what} has malformed protected headers")
+    if not protected:
+        return {}
+    where = f"{what} protected header"
+    headers: dict[Any, Any] = _HEADERS.check(
+        load_cbor(protected, where, max_size=MAX_HEADER, max_depth=4), where
+    )
     return headers
 
 
@@ -145,7 +151,7 @@ def verify(
         _public_key(key.raw).verify(parsed.signature, parsed.to_be_signed())
     except InvalidSignature as e:
         raise SignatureError(f"{what} signature does not verify") from e
-    claims = _load_one(parsed.payload, f"{what} payload")
+    claims = load_cbor(parsed.payload, f"{what} payload", max_size=MAX_TOKEN, max_depth=MAX_DEPTH)
     if not isinstance(claims, dict):
         raise FormatError(f"{what} claims are not a map")
     _check_validity(claims, time.time() if now is None else now, what)
@@ -153,10 +159,12 @@ def verify(
 
 
 def _check_validity(claims: dict[Any, Any], now: float, what: str) -> None:
-    for claim in (EXP, NBF):
-        if claim in claims and not isinstance(claims[claim], (int, float)):
-            raise FormatError(f"{what} has a malformed time claim")
-    if EXP in claims and now > claims[EXP] + CLOCK_SKEW_S:
-        raise FormatError(f"{what} is outside its validity period: expired")
-    if NBF in claims and now < claims[NBF] - CLOCK_SKEW_S:
-        raise FormatError(f"{what} is outside its validity period: not yet valid")
+    """`exp` and `nbf`, where present, are finite times (NaN would compare false both ways)."""
+    if EXP in claims:
+        exp = _TIME_CLAIM.check(claims[EXP], f"{what} has a malformed time claim: exp")
+        if now > exp + CLOCK_SKEW_S:
+            raise FormatError(f"{what} is outside its validity period: expired")
+    if NBF in claims:
+        nbf = _TIME_CLAIM.check(claims[NBF], f"{what} has a malformed time claim: nbf")
+        if now < nbf - CLOCK_SKEW_S:
+            raise FormatError(f"{what} is outside its validity period: not yet valid")

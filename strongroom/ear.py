@@ -18,6 +18,20 @@ from typing import Any
 
 from strongroom import __version__, cose
 from strongroom.errors import FormatError
+from strongroom.fields import (
+    ARTIFACT_NAME_RE,
+    DEVICE_ID_RE,
+    HEX_RE,
+    INT64_MAX,
+    MAX_VERSION,
+    Array,
+    Const,
+    Int,
+    Map,
+    MapOf,
+    Text,
+    Time,
+)
 from strongroom.signing import SigningKey, VerifyKey
 
 EAT_PROFILE, IAT, EXP, NBF, SUBMODS = 265, 6, 4, 5, 266
@@ -39,6 +53,59 @@ VECTOR_KEYS = (
     "storage-opaque",
     "sourced-data",
 )
+MAX_REASONS = 256
+MAX_TEXT = 1024
+FRESHNESS = ("fresh", "periodic", "stale")
+
+# The claims a consumer reads, with their types and bounds (docs/protocol.md). Unknown claims and
+# unknown `details` entries are ignored (and dropped); the submodule admits nothing else.
+_DETAILS = Map(
+    {},
+    {
+        "firmware": Text(32),
+        "svn": Int(0, MAX_VERSION),
+        "mrenclave": Text(64, 64, pattern=HEX_RE),
+        "artifacts": MapOf(Text(64, 1, pattern=ARTIFACT_NAME_RE), Int(1, MAX_VERSION), hi=64),
+        "seq": Int(0, INT64_MAX),
+        "freshness": Text(16, choices=FRESHNESS),
+    },
+    extra=True,
+)
+_SUBMOD = Map(
+    {
+        EAR_STATUS: Int(0, 96),  # one of TIERS' values, checked below
+        EAR_VECTOR: Map({}, {i: Int(-128, 127) for i in range(len(VECTOR_KEYS))}),
+        EAR_POLICY_ID: Text(64),
+    },
+    {SR_REASONS: Array(Text(MAX_TEXT), MAX_REASONS), SR_DETAILS: _DETAILS},
+    names={
+        EAR_STATUS: "ear.status",
+        EAR_VECTOR: "ear.trustworthiness-vector",
+        EAR_POLICY_ID: "ear.appraisal-policy-id",
+        SR_REASONS: "reasons (-70100)",
+        SR_DETAILS: "details (-70101)",
+    },
+)
+CLAIMS = Map(
+    {
+        EAT_PROFILE: Const(EAR_PROFILE),
+        IAT: Time(integer=True),
+        EXP: Time(),
+        NBF: Time(),
+        EAR_VERIFIER_ID: Map({"developer": Text(64), "build": Text(64)}),
+        SUBMODS: MapOf(Text(64, 1, pattern=DEVICE_ID_RE), _SUBMOD, hi=1),
+    },
+    extra=True,
+    names={
+        EAT_PROFILE: "eat_profile",
+        IAT: "iat",
+        EXP: "exp",
+        NBF: "nbf",
+        EAR_VERIFIER_ID: "ear.verifier-id",
+        SUBMODS: "submods",
+    },
+)
+_STATUS_OF = {v: k for k, v in TIERS.items()}
 
 
 def tier_of(value: int) -> str:
@@ -92,22 +159,23 @@ def verify_result(token: bytes, key: VerifyKey) -> AttestationResult:
     """Check a result's signature with the verifier's public key and parse it."""
     if len(token) > MAX_RESULT:
         raise FormatError("attestation result is too large")
-    claims: Any = cose.verify(token, key, "attestation result")
-    try:
-        if claims[EAT_PROFILE] != EAR_PROFILE or len(claims[SUBMODS]) != 1:
-            raise ValueError("not a Strongroom EAR")
-        ((device_id, sub),) = claims[SUBMODS].items()
-        status = {v: k for k, v in TIERS.items()}[int(sub[EAR_STATUS])]
-        vid = claims[EAR_VERIFIER_ID]
-        return AttestationResult(
-            device_id=str(device_id),
-            status=status,
-            vector={k: int(sub[EAR_VECTOR].get(i, 0)) for i, k in enumerate(VECTOR_KEYS)},
-            reasons=tuple(str(r) for r in sub.get(SR_REASONS, [])),
-            policy_id=str(sub[EAR_POLICY_ID]),
-            iat=int(claims[IAT]),
-            details=dict(sub.get(SR_DETAILS, {})),
-            verifier_id=f"{vid['developer']}/{vid['build']}",
-        )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise FormatError("attestation result lacks a required claim") from e
+    what = "attestation result"
+    claims = CLAIMS.check(cose.verify(token, key, what), what)
+    if len(claims[SUBMODS]) != 1:
+        raise FormatError(f"{what} must hold exactly one submodule (the device's)")
+    ((device_id, sub),) = claims[SUBMODS].items()
+    status = _STATUS_OF.get(sub[EAR_STATUS])
+    if status is None:
+        raise FormatError(f"{what}: ear.status must be one of {sorted(_STATUS_OF)}")
+    vector = sub[EAR_VECTOR]
+    vid = claims[EAR_VERIFIER_ID]
+    return AttestationResult(
+        device_id=device_id,
+        status=status,
+        vector={k: vector.get(i, 0) for i, k in enumerate(VECTOR_KEYS)},
+        reasons=tuple(sub.get(SR_REASONS, ())),
+        policy_id=sub[EAR_POLICY_ID],
+        iat=claims[IAT],
+        details=sub.get(SR_DETAILS, {}),
+        verifier_id=f"{vid['developer']}/{vid['build']}",
+    )

@@ -17,6 +17,22 @@ from typing import Any
 
 from strongroom import cose
 from strongroom.errors import FormatError
+from strongroom.fields import (
+    ARTIFACT_NAME_RE,
+    DEVICE_ID_RE,
+    INT64_MAX,
+    MAX_EVIDENCE,
+    MAX_VERSION,
+    Array,
+    Bool,
+    Bytes,
+    Int,
+    Map,
+    Nullable,
+    Text,
+    Time,
+    Tuple,
+)
 from strongroom.image import EnclaveIdentity
 from strongroom.signing import SigningKey, VerifyKey
 
@@ -33,8 +49,65 @@ SR_ENCLAVE_KEY = -70007
 SR_KEY_BINDING = -70008
 DBGSTAT_ENABLED, DBGSTAT_DISABLED = 0, 1
 SWNAME_VALUE = "strongroom-enclave"
-MAX_EVIDENCE = 16 * 1024
+MAX_ARTIFACTS = 64
 UEID_TYPE_RAND = 0x01
+NONCE_MIN, NONCE_MAX = 8, 64  # eat_nonce (RFC 9711 section 4.1)
+
+# Every claim the verifier reads, with its type and bounds (docs/protocol.md). Claims the format
+# does not define are ignored, up to 32 claims in all; the private maps admit nothing else.
+_ENCLAVE_CLAIM = Map(
+    {
+        "mrenclave": Bytes.exactly(32),
+        "mrsigner": Bytes.exactly(32),
+        "product_id": Int(0, 65535),
+        "svn": Int(0, MAX_VERSION),
+        "debug": Bool(),
+    }
+)
+_ARTIFACT_CLAIM = Tuple(
+    (Text(64, 1, pattern=ARTIFACT_NAME_RE), Int(1, MAX_VERSION), Bytes.exactly(32))
+)
+CLAIMS = Map(
+    {
+        SUB: Text(64, 1, pattern=DEVICE_ID_RE),
+        EXP: Time(integer=True),
+        NBF: Time(integer=True),
+        IAT: Time(integer=True),
+        EAT_NONCE: Bytes(NONCE_MIN, NONCE_MAX),
+        UEID: Bytes.exactly(33),
+        DBGSTAT: Int(0, 4),  # RFC 9711 section 4.2.9: 0 enabled .. 4 disabled for good
+        SWNAME: Text(64),
+        SR_SEQ: Int(0, INT64_MAX),
+        SR_FIRMWARE: Text(32),  # unparsable firmware is appraised as below the minimum
+        SR_SECURE_BOOT: Bool(),
+        SR_SMT: Nullable(Bool()),
+        SR_ENCLAVE: _ENCLAVE_CLAIM,
+        SR_ARTIFACTS: Array(_ARTIFACT_CLAIM, MAX_ARTIFACTS),
+        SR_LOCAL_ATTESTATION: Text(32),
+        SR_ENCLAVE_KEY: Bytes.exactly(32),
+        SR_KEY_BINDING: Bytes.exactly(64),
+    },
+    extra=True,
+    names={
+        SUB: "sub",
+        EXP: "exp",
+        NBF: "nbf",
+        IAT: "iat",
+        EAT_NONCE: "eat_nonce",
+        UEID: "ueid",
+        DBGSTAT: "dbgstat",
+        SWNAME: "swname",
+        SR_SEQ: "seq (-70000)",
+        SR_FIRMWARE: "firmware (-70001)",
+        SR_SECURE_BOOT: "secure boot (-70002)",
+        SR_SMT: "smt (-70003)",
+        SR_ENCLAVE: "enclave (-70004)",
+        SR_ARTIFACTS: "artifacts (-70005)",
+        SR_LOCAL_ATTESTATION: "local attestation (-70006)",
+        SR_ENCLAVE_KEY: "enclave key (-70007)",
+        SR_KEY_BINDING: "key binding (-70008)",
+    },
+)
 
 
 @dataclass(frozen=True)
@@ -118,34 +191,33 @@ def evidence_kid(token: bytes | cose.Sign1) -> str:
 
 
 def verify_evidence(token: bytes | cose.Sign1, key: VerifyKey) -> Evidence:
-    """Check the signature with the device's registered key and parse the claims."""
+    """Check the signature with the device's registered key and parse the claims.
+
+    SignatureError for a bad signature; FormatError for anything else wrong, a validly signed
+    token with an absurd claim (a `seq` past 64 bits, an infinite time, an integer for bytes...)
+    included: every claim is checked against `CLAIMS` before it is used."""
     parsed = token if isinstance(token, cose.Sign1) else parse_evidence(token)
-    claims: Any = cose.verify(parsed, key, "evidence")
-    try:
-        enclave = claims[SR_ENCLAVE]
-        return Evidence(
-            device_id=str(claims[SUB]),
-            nonce=bytes(claims[EAT_NONCE]),
-            ueid=bytes(claims[UEID]),
-            iat=int(claims[IAT]),
-            seq=int(claims[SR_SEQ]),
-            platform_debug=claims[DBGSTAT] == DBGSTAT_ENABLED,
-            firmware=str(claims[SR_FIRMWARE]),
-            secure_boot=bool(claims[SR_SECURE_BOOT]),
-            smt=None if claims[SR_SMT] is None else bool(claims[SR_SMT]),
-            enclave=EnclaveIdentity(
-                bytes(enclave["mrenclave"]).hex(),
-                bytes(enclave["mrsigner"]).hex(),
-                int(enclave["product_id"]),
-                int(enclave["svn"]),
-                bool(enclave["debug"]),
-            ),
-            artifacts=tuple(
-                ArtifactClaim(str(n), int(v), bytes(d).hex()) for n, v, d in claims[SR_ARTIFACTS]
-            ),
-            local_attestation=str(claims[SR_LOCAL_ATTESTATION]),
-            enclave_key=bytes(claims[SR_ENCLAVE_KEY]),
-            key_binding=bytes(claims[SR_KEY_BINDING]),
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise FormatError("evidence lacks a required claim or has a malformed one") from e
+    claims = CLAIMS.check(cose.verify(parsed, key, "evidence"), "evidence")
+    enclave = claims[SR_ENCLAVE]
+    return Evidence(
+        device_id=claims[SUB],
+        nonce=claims[EAT_NONCE],
+        ueid=claims[UEID],
+        iat=claims[IAT],
+        seq=claims[SR_SEQ],
+        platform_debug=claims[DBGSTAT] == DBGSTAT_ENABLED,
+        firmware=claims[SR_FIRMWARE],
+        secure_boot=claims[SR_SECURE_BOOT],
+        smt=claims[SR_SMT],
+        enclave=EnclaveIdentity(
+            enclave["mrenclave"].hex(),
+            enclave["mrsigner"].hex(),
+            enclave["product_id"],
+            enclave["svn"],
+            enclave["debug"],
+        ),
+        artifacts=tuple(ArtifactClaim(n, v, d.hex()) for n, v, d in claims[SR_ARTIFACTS]),
+        local_attestation=claims[SR_LOCAL_ATTESTATION],
+        enclave_key=claims[SR_ENCLAVE_KEY],
+        key_binding=claims[SR_KEY_BINDING],
+    )

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import io
+import math
 import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
+
+import cbor2
 
 from strongroom.errors import FormatError, InputError
 
@@ -83,3 +89,312 @@ def get_hex(doc: dict[str, Any], key: str, what: str, size: int) -> bytes:
     if not isinstance(value, str) or len(value) != 2 * size or not HEX_RE.fullmatch(value):
         raise FormatError(f"{what}: field {key!r} must be {size} bytes of lowercase hex")
     return bytes.fromhex(value)
+
+
+# Bounds shared by every wire format (docs/protocol.md, "Bounds").
+INT64_MAX = 2**63 - 1  # the state store keeps integers such as `seq` as signed 64-bit
+TIME_MAX = 2**40  # POSIX seconds: about 36,800 years; every time is finite and below this
+MAX_EVIDENCE = 16 * 1024  # an EAT, on its own or inside a key request
+KEY_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}", re.ASCII)
+
+
+# -- bounded CBOR decoding ------------------------------------------------------------------------
+
+_PLAIN = frozenset({str, bytes, int, float, bool, type(None)})
+
+
+def load_cbor(data: bytes, what: str, *, max_size: int, max_depth: int = 16, tags: Any = ()) -> Any:
+    """Exactly one CBOR data item from `data`, as a tree of plain values, or FormatError.
+
+    Plain means maps, arrays, text, bytes, integers, floats, booleans and null: tags are refused
+    (except the outer ones listed in `tags`, which stay `cbor2.CBORTag`s for the caller to
+    unwrap), so are undefined and other simple values, and nesting deeper than `max_depth`.
+    The tree has at most one item per byte of `data`: an honest encoding cannot have more, and
+    shared references (tags 28/29), which could make a walk of a small input exponential, are
+    caught by that count. Trailing bytes are refused. Only FormatError leaves this function,
+    whatever cbor2 raises for malformed input.
+    """
+    if len(data) > max_size:
+        raise FormatError(f"{what} is larger than {max_size} bytes")
+    stream = io.BytesIO(data)
+
+    def outer_tag_only(_decoder: Any, tag: cbor2.CBORTag) -> Any:
+        if tag.tag not in tags:
+            raise FormatError(f"{what} holds a CBOR tag, which is not allowed")
+        return tag
+
+    try:
+        obj = cbor2.CBORDecoder(stream, tag_hook=outer_tag_only, max_depth=max_depth).decode()
+    except FormatError:
+        raise
+    except Exception as e:  # cbor2 raises many types for malformed input (and RecursionError)
+        raise FormatError(f"{what} is not well-formed CBOR") from e
+    if stream.tell() != len(data):
+        raise FormatError(f"{what} has data after its end")
+    inner = obj
+    while isinstance(inner, cbor2.CBORTag) and inner.tag in tags:
+        inner = inner.value
+    _check_plain(inner, what, len(data))
+    return obj
+
+
+def _check_plain(obj: Any, what: str, budget: int) -> None:
+    stack, seen = [obj], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise FormatError(f"{what} holds more items than its size allows (shared references)")
+        kind = type(item)
+        if kind is dict:
+            for key, value in item.items():
+                stack.append(key)
+                stack.append(value)
+        elif kind is list:
+            stack.extend(item)
+        elif kind not in _PLAIN:
+            raise FormatError(f"{what} holds a value of a type the format does not use")
+
+
+# -- declarative schemas --------------------------------------------------------------------------
+# One schema per message: each wire format states the type and bounds of every field it reads, and
+# `check` returns the fields or raises FormatError naming the first one that is out of bounds. The
+# message never names the offending value (it may be huge or hostile), only the field and its
+# bounds. Types are exact: a bool is not an integer, an integer is not bytes, 6.0 is not 6.
+
+
+class Spec:
+    """The type and bounds of one value."""
+
+    def check(self, value: Any, where: str) -> Any:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Spec):
+    """An integer (not a bool) in [lo, hi]; by default what a signed 64-bit column holds."""
+
+    lo: int = 0
+    hi: int = INT64_MAX
+
+    def check(self, value: Any, where: str) -> int:
+        if type(value) is not int or not self.lo <= value <= self.hi:
+            raise FormatError(f"{where} must be an integer in [{self.lo}, {self.hi}]")
+        return value
+
+
+@dataclass(frozen=True)
+class Time(Spec):
+    """POSIX seconds: a finite number in [0, 2^40), or with `integer` an integer in that range."""
+
+    integer: bool = False
+
+    def check(self, value: Any, where: str) -> Any:
+        kind = type(value)
+        if not (kind is int or (kind is float and not self.integer)) or not 0 <= value < TIME_MAX:
+            number = "an integer" if self.integer else "a finite number"
+            raise FormatError(f"{where} must be a time: {number} of seconds in [0, 2^40)")
+        return value if self.integer else float(value)
+
+
+@dataclass(frozen=True)
+class Number(Spec):
+    """A finite number (int or float, not bool) in [lo, hi], returned as a float."""
+
+    lo: float
+    hi: float
+
+    def check(self, value: Any, where: str) -> float:
+        kind = type(value)
+        if not (kind is int or kind is float) or not self.lo <= value <= self.hi:
+            raise FormatError(f"{where} must be a finite number in [{self.lo}, {self.hi}]")
+        number = float(value)  # in range, so no OverflowError
+        if not math.isfinite(number):
+            raise FormatError(f"{where} must be a finite number in [{self.lo}, {self.hi}]")
+        return number
+
+
+@dataclass(frozen=True)
+class Bytes(Spec):
+    """A byte string of `lo` to `hi` bytes (`Bytes.exactly(n)` for a fixed size)."""
+
+    lo: int = 0
+    hi: int = 64 * 1024
+
+    @classmethod
+    def exactly(cls, size: int) -> Bytes:
+        return cls(size, size)
+
+    def check(self, value: Any, where: str) -> bytes:
+        if type(value) is not bytes or not self.lo <= len(value) <= self.hi:
+            size = f"{self.lo}" if self.lo == self.hi else f"{self.lo} to {self.hi}"
+            raise FormatError(f"{where} must be a byte string of {size} bytes")
+        return value
+
+
+@dataclass(frozen=True)
+class Text(Spec):
+    """Text of at most `hi` characters, matching `pattern` or one of `choices` if given."""
+
+    hi: int
+    lo: int = 0
+    pattern: re.Pattern[str] | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, value: Any, where: str) -> str:
+        if self.choices:
+            if type(value) is not str or value not in self.choices:
+                raise FormatError(f"{where} must be one of {', '.join(self.choices)}")
+            return value
+        if (
+            type(value) is not str
+            or not self.lo <= len(value) <= self.hi
+            or (self.pattern is not None and not self.pattern.fullmatch(value))
+        ):
+            form = "" if self.pattern is None else " of the form " + self.pattern.pattern
+            raise FormatError(f"{where} must be text of {self.lo} to {self.hi} characters{form}")
+        return value
+
+
+@dataclass(frozen=True)
+class Bool(Spec):
+    def check(self, value: Any, where: str) -> bool:
+        if type(value) is not bool:
+            raise FormatError(f"{where} must be true or false")
+        return value
+
+
+@dataclass(frozen=True)
+class Const(Spec):
+    """Exactly this value (of exactly its type)."""
+
+    value: str | int
+
+    def check(self, value: Any, where: str) -> Any:
+        if type(value) is not type(self.value) or value != self.value:
+            raise FormatError(f"{where} must be {self.value!r}")
+        return value
+
+
+@dataclass(frozen=True)
+class Anything(Spec):
+    """Any plain value (what `load_cbor` returns): for values a format carries but never reads."""
+
+    def check(self, value: Any, where: str) -> Any:
+        return value
+
+
+@dataclass(frozen=True)
+class Nullable(Spec):
+    """Null, or a value of `spec`."""
+
+    spec: Spec
+
+    def check(self, value: Any, where: str) -> Any:
+        return None if value is None else self.spec.check(value, where)
+
+
+@dataclass(frozen=True)
+class Array(Spec):
+    """An array of `lo` to `hi` items, each of `item`."""
+
+    item: Spec
+    hi: int
+    lo: int = 0
+
+    def check(self, value: Any, where: str) -> list[Any]:
+        if type(value) is not list or not self.lo <= len(value) <= self.hi:
+            raise FormatError(f"{where} must be an array of {self.lo} to {self.hi} items")
+        out: list[Any] = []
+        try:
+            for v in value:
+                out.append(self.item.check(v, ""))
+        except FormatError as e:  # the path is only spelled out for a failure: checks are hot
+            raise FormatError(f"{where}[{len(out)}]{e}") from e
+        return out
+
+
+@dataclass(frozen=True)
+class Tuple(Spec):
+    """An array of exactly these items, in this order."""
+
+    items: tuple[Spec, ...]
+
+    def check(self, value: Any, where: str) -> list[Any]:
+        if type(value) is not list or len(value) != len(self.items):
+            raise FormatError(f"{where} must be an array of {len(self.items)} items")
+        out: list[Any] = []
+        try:
+            for spec, v in zip(self.items, value, strict=True):
+                out.append(spec.check(v, ""))
+        except FormatError as e:
+            raise FormatError(f"{where}[{len(out)}]{e}") from e
+        return out
+
+
+@dataclass(frozen=True)
+class MapOf(Spec):
+    """A map of at most `hi` entries, keys of `key` and values of `value`."""
+
+    key: Spec
+    value: Spec
+    hi: int
+
+    def check(self, value: Any, where: str) -> dict[Any, Any]:
+        if type(value) is not dict or len(value) > self.hi:
+            raise FormatError(f"{where} must be a map of at most {self.hi} entries")
+        out = {}
+        for k, v in value.items():
+            try:
+                out[self.key.check(k, " key")] = self.value.check(v, " value")
+            except FormatError as e:
+                raise FormatError(f"{where}: an entry's{e}") from e
+        return out
+
+
+@dataclass(frozen=True)
+class Map(Spec):
+    """A map with these `required` and `optional` fields (key: spec). Unknown keys are refused,
+    or with `extra` ignored (and left out of the result), up to `hi` entries in all. `names`
+    gives the fields' names for messages where the keys are numbers (claims)."""
+
+    required: Mapping[Any, Spec]
+    optional: Mapping[Any, Spec] = field(default_factory=dict)
+    extra: bool = False
+    hi: int = 32
+    names: Mapping[Any, str] = field(default_factory=dict)
+    _index: dict[Any, tuple[Any, Spec, str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fields = {**self.optional, **self.required}
+        index = {k: (k, s, "." + self.names.get(k, str(k))) for k, s in fields.items()}
+        object.__setattr__(self, "_index", index)
+
+    def check(self, value: Any, where: str) -> dict[Any, Any]:
+        if type(value) is not dict or len(value) > self.hi:
+            raise FormatError(f"{where} must be a map of at most {self.hi} entries")
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            known = self._index.get(key)
+            if known is None or type(known[0]) is not type(key):  # 6.0 and True are not 6 and 1
+                if self.extra:
+                    continue
+                raise FormatError(f"{where} has a field the format does not define")
+            try:
+                out[key] = known[1].check(item, known[2])
+            except FormatError as e:  # the path is only spelled out for a failure: checks are hot
+                raise FormatError(f"{where}{e}") from e
+        for key in self.required:
+            if key not in out:
+                raise FormatError(f"{where} lacks its field {self._index[key][2][1:]}")
+        return out
+
+
+def decode(
+    data: bytes, schema: Spec, what: str, *, max_size: int, max_depth: int = 16
+) -> dict[Any, Any]:
+    """Bounded CBOR decoding (`load_cbor`) and `schema`'s checks: one message's fields."""
+    checked: dict[Any, Any] = schema.check(
+        load_cbor(data, what, max_size=max_size, max_depth=max_depth), what
+    )
+    return checked

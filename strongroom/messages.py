@@ -1,54 +1,75 @@
 """Payloads of the MQTT protocol other than evidence and results (docs/protocol.md).
 
-All are CBOR maps, size-capped, parsed into frozen objects or rejected with FormatError. Evidence
-travels as the raw EAT bytes; results as the raw EAR bytes.
+All are CBOR maps with text keys, size-capped, decoded by `strongroom.fields.decode` (no tags, no
+shared references, bounded nesting) and checked against one schema per message before anything
+reads them: every field's type, range and length, times finite and in [0, 2^40). They are parsed
+into frozen objects or rejected with FormatError. Fields a message does not define are ignored.
+Evidence travels as the raw EAT bytes; results as the raw EAR bytes.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import cbor2
 
-from strongroom.errors import FormatError
+from strongroom.fields import (
+    KEY_ID_RE,
+    MAX_EVIDENCE,
+    Array,
+    Bytes,
+    Map,
+    Text,
+    Time,
+    Tuple,
+    decode,
+)
 
 MAX_PAYLOAD = 64 * 1024
 MAX_KEYS_PER_REQUEST = 64
+MAX_REPORT = 1024  # a status report is kept to its first 300 characters
+MAX_REASON = 4096
+STATES = ("online", "offline", "revoked")
+SEVERITIES = ("info", "warning", "critical")
 
 
-def _load(payload: bytes, what: str) -> dict[str, Any]:
-    if len(payload) > MAX_PAYLOAD:
-        raise FormatError(f"{what} is larger than {MAX_PAYLOAD} bytes")
-    try:
-        doc = cbor2.loads(payload)
-    except Exception as e:  # cbor2 raises several types for malformed input
-        raise FormatError(f"{what} is not valid CBOR") from e
-    if not isinstance(doc, dict):
-        raise FormatError(f"{what} is not a CBOR map")
-    return doc
+def _schema(required: dict[str, Any], optional: dict[str, Any] | None = None) -> Map:
+    return Map(required, optional or {}, extra=True, hi=16)
 
 
-def _number(value: Any, what: str) -> float:
-    """A finite number (int or float, not bool)."""
-    if not isinstance(value, int | float) or isinstance(value, bool):
-        raise FormatError(f"{what} must be a number")
-    try:
-        number = float(value)
-    except OverflowError as e:
-        raise FormatError(f"{what} is out of range") from e
-    if not math.isfinite(number):
-        raise FormatError(f"{what} must be finite")
-    return number
-
-
-def _field(doc: dict[str, Any], key: str, kind: type, what: str) -> Any:
-    value = doc.get(key)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise FormatError(f"{what}: field {key!r} must be {kind.__name__}")
-    return value
+_KEY_ID = Text(64, 1, pattern=KEY_ID_RE)
+_NONCE = Bytes(16, 64)
+CHALLENGE = _schema({"nonce": _NONCE, "expires": Time()})
+KEY_REQUEST = _schema(
+    {
+        "evidence": Bytes(1, MAX_EVIDENCE),
+        "key_ids": Array(_KEY_ID, MAX_KEYS_PER_REQUEST, 1),
+    }
+)
+KEY_RESPONSE = _schema(
+    {
+        "nonce": Bytes(8, 64),  # the evidence's nonce (eat_nonce: 8 to 64 bytes)
+        "keys": Array(
+            Tuple((_KEY_ID, Bytes(1, 4096), Bytes(0, 512), Time(), Time())),
+            MAX_KEYS_PER_REQUEST,
+        ),
+        "refused": Array(Tuple((_KEY_ID, Text(MAX_REASON))), MAX_KEYS_PER_REQUEST),
+    }
+)
+STATUS = _schema(
+    {"state": Text(16, choices=STATES)},
+    {"at": Time(), "report": Text(MAX_REPORT), "command": _NONCE},
+)
+ALERT = _schema(
+    {
+        "severity": Text(16, choices=SEVERITIES),
+        "device": Text(64),  # the topic's device level, which may not be a valid id ("?")
+        "reason": Text(MAX_REASON),
+    },
+    {"at": Time()},
+)
 
 
 @dataclass(frozen=True)
@@ -61,11 +82,8 @@ class Challenge:
 
     @classmethod
     def decode(cls, payload: bytes) -> Challenge:
-        doc = _load(payload, "challenge")
-        nonce = _field(doc, "nonce", bytes, "challenge")
-        if not 16 <= len(nonce) <= 64:
-            raise FormatError("challenge: a nonce has 16 to 64 bytes")
-        return cls(nonce, _number(doc.get("expires"), "challenge: field 'expires'"))
+        doc = decode(payload, CHALLENGE, "challenge", max_size=MAX_PAYLOAD)
+        return cls(doc["nonce"], doc["expires"])
 
 
 @dataclass(frozen=True)
@@ -78,13 +96,8 @@ class KeyRequest:
 
     @classmethod
     def decode(cls, payload: bytes) -> KeyRequest:
-        doc = _load(payload, "key request")
-        ids = _field(doc, "key_ids", list, "key request")
-        if not 0 < len(ids) <= MAX_KEYS_PER_REQUEST or not all(
-            isinstance(i, str) and i.isalnum() and i.isascii() and len(i) <= 64 for i in ids
-        ):
-            raise FormatError("key request: key_ids must list 1 to 64 key ids")
-        return cls(_field(doc, "evidence", bytes, "key request"), tuple(ids))
+        doc = decode(payload, KEY_REQUEST, "key request", max_size=MAX_PAYLOAD)
+        return cls(doc["evidence"], tuple(doc["key_ids"]))
 
 
 @dataclass(frozen=True)
@@ -113,30 +126,12 @@ class KeyResponse:
 
     @classmethod
     def decode(cls, payload: bytes) -> KeyResponse:
-        doc = _load(payload, "key response")
-        what = "key response"
-        keys, refused = [], []
-        for item in _field(doc, "keys", list, what):
-            if not isinstance(item, list) or len(item) != 5:
-                raise FormatError(f"{what}: a key is [key_id, wrapped, aad, until, renew_at]")
-            key_id, wrapped, aad, until, renew_at = item
-            if not (
-                isinstance(key_id, str) and isinstance(wrapped, bytes) and isinstance(aad, bytes)
-            ):
-                raise FormatError(f"{what}: malformed key entry")
-            keys.append(
-                ReleasedKey(key_id, wrapped, aad, _number(until, what), _number(renew_at, what))
-            )
-        for item in _field(doc, "refused", list, what):
-            if not (
-                isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
-            ):
-                raise FormatError(f"{what}: a refusal is [key_id, reason]")
-            refused.append((item[0], item[1]))
-        return cls(_field(doc, "nonce", bytes, what), tuple(keys), tuple(refused))
-
-
-STATES = ("online", "offline", "revoked")
+        doc = decode(payload, KEY_RESPONSE, "key response", max_size=MAX_PAYLOAD)
+        return cls(
+            doc["nonce"],
+            tuple(ReleasedKey(*k) for k in doc["keys"]),
+            tuple((key_id, reason) for key_id, reason in doc["refused"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -144,23 +139,22 @@ class Status:
     state: str  # "online" | "offline" | "revoked" (the enclave confirmed a revocation)
     at: float
     report: str = ""  # something the device wants the fleet to know (a forged command, ...)
+    command: bytes = b""  # with "revoked": the nonce of the revoke command the enclave obeyed
 
     def encode(self) -> bytes:
         doc: dict[str, Any] = {"state": self.state, "at": self.at}
         if self.report:
             doc["report"] = self.report
+        if self.command:
+            doc["command"] = self.command
         return cbor2.dumps(doc)
 
     @classmethod
     def decode(cls, payload: bytes) -> Status:
-        doc = _load(payload, "status")
-        state = _field(doc, "state", str, "status")
-        if state not in STATES:
-            raise FormatError(f"status: state must be one of {', '.join(STATES)}")
-        report = doc.get("report", "")
-        if not isinstance(report, str):
-            raise FormatError("status: report must be text")
-        return cls(state, _number(doc.get("at", 0), "status: at"), report[:300])
+        doc = decode(payload, STATUS, "status", max_size=MAX_PAYLOAD)
+        return cls(
+            doc["state"], doc.get("at", 0.0), doc.get("report", "")[:300], doc.get("command", b"")
+        )
 
 
 @dataclass(frozen=True)
@@ -182,13 +176,8 @@ class Alert:
 
     @classmethod
     def decode(cls, payload: bytes) -> Alert:
-        doc = _load(payload, "alert")
-        return cls(
-            _field(doc, "severity", str, "alert"),
-            _field(doc, "device", str, "alert"),
-            _field(doc, "reason", str, "alert"),
-            _number(doc.get("at", 0), "alert: at"),
-        )
+        doc = decode(payload, ALERT, "alert", max_size=MAX_PAYLOAD)
+        return cls(doc["severity"], doc["device"], doc["reason"], doc.get("at", 0.0))
 
 
 def now() -> float:
