@@ -10,6 +10,7 @@ This module runs inside the enclave too: it imports only the standard library an
 from __future__ import annotations
 
 import io
+import math
 import os
 import socket
 import struct
@@ -45,25 +46,32 @@ def encode(msg: Message, max_frame: int = MAX_FRAME) -> bytes:
     return _LEN.pack(len(payload)) + payload
 
 
-_PLAIN = (str, bytes, int, float, bool, type(None))
+_PLAIN = frozenset({str, bytes, int, float, bool, type(None)})
 MAX_DEPTH = 32
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # what an int field may hold: a signed 64-bit integer
 
 
-def _check_plain(obj: Any, depth: int = 0) -> None:
+def _check_plain(obj: Any, budget: int) -> None:
     """Only plain CBOR data may cross: maps, arrays, text, bytes, numbers, booleans, null.
-    cbor2 turns tags it knows (dates, sets, UUIDs, shared references, ...) into Python objects;
-    those are refused here, and nesting is bounded (which also stops self-referencing data)."""
-    if depth > MAX_DEPTH:
-        raise ChannelError("message nests too deeply")
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            _check_plain(key, depth + 1)
-            _check_plain(value, depth + 1)
-    elif isinstance(obj, list):
-        for item in obj:
-            _check_plain(item, depth + 1)
-    elif not isinstance(obj, _PLAIN):
-        raise ChannelError(f"{type(obj).__name__} values (CBOR tags) are not allowed")
+    cbor2 turns tags it knows (dates, sets, UUIDs, ...) into Python objects; those are refused
+    here. A message holds at most one item per byte of its frame, as any honest encoding does:
+    shared references (tags 28/29), which cbor2 resolves into plain but shared lists, could
+    otherwise make this walk exponential (a 200-byte frame, 2^30 visits) or endless (a cycle)."""
+    stack, seen = [obj], 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > budget:
+            raise ChannelError("message holds more items than its frame (shared references)")
+        kind = type(item)
+        if kind is dict:
+            for key, value in item.items():
+                stack.append(key)
+                stack.append(value)
+        elif kind is list:
+            stack.extend(item)
+        elif kind not in _PLAIN:
+            raise ChannelError(f"{kind.__name__} values (CBOR tags) are not allowed")
 
 
 def decode(payload: bytes) -> Message:
@@ -72,14 +80,14 @@ def decode(payload: bytes) -> Message:
         raise ChannelError("CBOR tags are not allowed on the channel")
     stream = io.BytesIO(payload)
     try:
-        msg = cbor2.CBORDecoder(stream, tag_hook=_no_tags).decode()
+        msg = cbor2.CBORDecoder(stream, tag_hook=_no_tags, max_depth=MAX_DEPTH).decode()
     except ChannelError:
         raise
     except Exception as e:  # cbor2 raises several types for malformed input
         raise ChannelError("malformed CBOR on the channel") from e
     if stream.tell() != len(payload):
         raise ChannelError("data after the message in its frame")
-    _check_plain(msg)
+    _check_plain(msg, len(payload))
     if not isinstance(msg, dict) or not all(isinstance(k, str) for k in msg):
         raise ChannelError("a channel message must be a map with string keys")
     if not isinstance(msg.get("op"), str):
@@ -88,7 +96,8 @@ def decode(payload: bytes) -> Message:
 
 
 def check(msg: Message, schema: Schema, optional: Schema | None = None) -> Message:
-    """Return `msg` if its fields are exactly `schema` (+ any of `optional`) with those types."""
+    """Return `msg` if its fields are exactly `schema` (+ any of `optional`) with those types.
+    An int field holds a signed 64-bit integer (not a bool), a float field a finite number."""
     optional = optional or {}
     for key in msg:
         if key != "op" and key not in schema and key not in optional:
@@ -97,11 +106,23 @@ def check(msg: Message, schema: Schema, optional: Schema | None = None) -> Messa
         if key not in msg:
             raise ChannelError(f"missing field {key!r} in {msg['op']!r}")
     for key, kind in {**schema, **optional}.items():
-        if key in msg and (
-            not isinstance(msg[key], kind) or (kind is int and isinstance(msg[key], bool))
-        ):
-            raise ChannelError(f"field {key!r} in {msg['op']!r} has the wrong type")
+        if key in msg and not _of_kind(msg[key], kind):
+            raise ChannelError(f"field {key!r} in {msg['op']!r} has the wrong type or range")
     return msg
+
+
+def _of_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
+    if not isinstance(value, kind):
+        return False
+    if kind is object:  # anything plain (a function's input): its consumer checks it
+        return True
+    if isinstance(value, bool):
+        return kind is bool or (isinstance(kind, tuple) and bool in kind)
+    if isinstance(value, int):
+        return INT_MIN <= value <= INT_MAX
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
 
 
 class Channel:

@@ -6,13 +6,16 @@ is written, and is written atomically.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import tomlkit
 from tomlkit.items import AoT, Table
 
+from strongroom.errors import FormatError
+from strongroom.fields import MAX_VERSION
 from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
-from strongroom.policy import ArtifactReference, EnclaveReference, parse_policy
+from strongroom.policy import MAX_POLICY, ArtifactReference, EnclaveReference, parse_policy
 
 _TEMPLATE = """\
 # Strongroom fleet policy. Edit by hand; `strongroom enclave build` and `strongroom artifact seal`
@@ -66,14 +69,45 @@ def _append_row(doc: tomlkit.TOMLDocument, section: str, row: dict[str, object])
     rows.append(tomlkit.item(row))
 
 
-def _edit(path: Path, change: object) -> None:
-    doc = tomlkit.parse(read_file(path, "fleet policy").decode())
-    assert callable(change)  # noqa: S101 - internal helper contract
-    change(doc)
-    doc["version"] = int(doc.get("version", 1)) + 1
-    text = tomlkit.dumps(doc)
-    parse_policy(text)
-    write_atomic(path, text.encode(), SECRET_FILE)
+Change = Callable[[tomlkit.TOMLDocument], None]
+
+
+def edited(text: str, change: Change) -> str:
+    """The policy `text` with `change` applied and its version bumped, validated as a whole.
+
+    Pure: FormatError (never tomlkit's own errors) for a text tomlkit cannot edit or an edit
+    that leaves the policy invalid."""
+    if len(text) > MAX_POLICY:
+        raise FormatError(f"policy is larger than {MAX_POLICY} characters")
+    try:
+        doc = tomlkit.parse(text)
+        change(doc)
+        version = doc.get("version", 1)
+        if (
+            not isinstance(version, int)
+            or isinstance(version, bool)
+            or not 1 <= version < MAX_VERSION
+        ):
+            raise FormatError(f"policy: version must be an integer between 1 and {MAX_VERSION - 1}")
+        doc["version"] = int(version) + 1
+        result = tomlkit.dumps(doc)
+    except FormatError:
+        raise
+    except Exception as e:  # tomlkit raises its own errors, and Python's for odd documents
+        raise FormatError("policy cannot be edited: it is not valid TOML") from e
+    parse_policy(result)
+    return result
+
+
+def _edit(path: Path, change: Change) -> None:
+    write_atomic(path, edited(_read(path), change).encode(), SECRET_FILE)
+
+
+def _read(path: Path) -> str:
+    try:
+        return read_file(path, "fleet policy").decode()
+    except UnicodeDecodeError as e:
+        raise FormatError("policy is not UTF-8 text") from e
 
 
 def set_values(path: Path, values: dict[tuple[str, str], object]) -> None:
@@ -92,7 +126,7 @@ def set_values(path: Path, values: dict[tuple[str, str], object]) -> None:
 
 def add_enclave_reference(path: Path, ref: EnclaveReference) -> bool:
     """Register an enclave build as a reference value; False if it was already registered."""
-    policy = parse_policy(read_file(path, "fleet policy").decode())
+    policy = parse_policy(_read(path))
     if ref in policy.enclave_references:
         return False
 
@@ -114,7 +148,7 @@ def add_enclave_reference(path: Path, ref: EnclaveReference) -> bool:
 
 def add_artifact_reference(path: Path, ref: ArtifactReference) -> None:
     """Register a sealed artifact; a name seen for the first time gets its version as floor."""
-    policy = parse_policy(read_file(path, "fleet policy").decode())
+    policy = parse_policy(_read(path))
     new_name = ref.name not in policy.artifact_floors
 
     def change(doc: tomlkit.TOMLDocument) -> None:

@@ -111,15 +111,15 @@ class ArtifactManifest:
     @classmethod
     def from_json_dict(cls, doc: dict[str, Any]) -> ArtifactManifest:
         if doc.get("format") != FORMAT:
-            raise FormatError(f"unsupported artifact format {doc.get('format')!r}")
+            raise FormatError(f"unsupported artifact format {str(doc.get('format'))[:64]!r}")
         if doc.get("cipher") != CIPHER:
-            raise FormatError(f"unsupported artifact cipher {doc.get('cipher')!r}")
+            raise FormatError(f"unsupported artifact cipher {str(doc.get('cipher'))[:64]!r}")
         name = get_str(doc, "name", _WHAT)
         if not ARTIFACT_NAME_RE.fullmatch(name):
-            raise FormatError(f"{_WHAT}: invalid name {name!r}")
+            raise FormatError(f"{_WHAT}: invalid name {name[:64]!r}")
         kind = get_str(doc, "kind", _WHAT)
         if kind not in KINDS:
-            raise FormatError(f"{_WHAT}: invalid kind {kind!r}")
+            raise FormatError(f"{_WHAT}: invalid kind {kind[:16]!r}")
         chunk_size = get_int(doc, "chunk_size", _WHAT, MIN_CHUNK_SIZE, MAX_CHUNK_SIZE)
         size = get_int(doc, "size", _WHAT, 0, MAX_CHUNKS * chunk_size)
         key_id = get_str(doc, "key_id", _WHAT)

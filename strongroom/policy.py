@@ -16,6 +16,7 @@ from strongroom.errors import FormatError, InputError
 from strongroom.fields import ARTIFACT_NAME_RE, HEX_RE, MAX_VERSION, parse_firmware
 
 SMT_CHOICES = ("allow", "deny")
+MAX_POLICY = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class _Table:
         unknown = sorted(set(self._doc) - self._seen)
         if unknown:
             raise FormatError(
-                f"policy: unknown key {self._where + '.' if self._where else ''}{unknown[0]}"
+                f"policy: unknown key {self._where + '.' if self._where else ''}{unknown[0][:64]}"
             )
 
 
@@ -156,7 +157,9 @@ def _artifacts(t: _Table) -> dict[str, Any]:
     floors = {}
     for name in floors_table.names():
         if not ARTIFACT_NAME_RE.fullmatch(name):
-            raise FormatError(f"policy: artifacts.floors has an invalid artifact name {name!r}")
+            raise FormatError(
+                f"policy: artifacts.floors has an invalid artifact name {name[:64]!r}"
+            )
         floors[name] = floors_table.count(name, 1, 1)
     floors_table.done()
     references = []
@@ -190,10 +193,16 @@ def _timing(attestation: _Table, keys: _Table) -> dict[str, Any]:
 
 def parse_policy(text: str) -> FleetPolicy:
     """Parse and validate policy TOML; raise FormatError naming the offending key."""
+    if len(text) > MAX_POLICY:
+        raise FormatError(f"policy is larger than {MAX_POLICY} characters")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise FormatError(f"policy is not valid TOML: {e}") from e
+    except (ValueError, RecursionError) as e:  # a 4,300-digit number, arrays nested too deep
+        raise FormatError(
+            "policy is not valid TOML: a value is too long or nests too deeply"
+        ) from e
     root = _Table(doc, "")
     fields = {
         "version": root.count("version", 1, 1),
