@@ -252,6 +252,7 @@ class Demo:
                     "--socket",
                     str(self.root / f"{device_id}.sock"),
                     *self.mqtt,
+                    "--no-privilege-separation",  # the demo runs every role as its user
                 ),
             )
         latest = self.show_updates(
@@ -352,8 +353,8 @@ def _wait(predicate: Callable[[], Any], timeout: float, what: str) -> None:
     raise EnvironmentFault(f"{what} did not start within {timeout:g} s")
 
 
-def run_demo(out: TextIO = sys.stdout, keep: bool = True, stay: bool = False) -> int:
-    demo = Demo(out, keep, stay)
+def run_demo(out: TextIO | None = None, keep: bool = True, stay: bool = False) -> int:
+    demo = Demo(out if out is not None else sys.stdout, keep, stay)
     try:
         return demo.run()
     finally:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import shutil
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,17 @@ from strongroom.commands import verify_command
 from strongroom.ear import verify_result
 from strongroom.errors import StrongroomError
 from strongroom.evidence import SR_SEQ
+from strongroom.retry import Backoff
 from strongroom.signing import SigningKey
 
 FORGED_MARK = "forged-by-simulator"
 IMAGE = {"rollback-svn": "old_image", "tampered-image": "attacker_image"}
 ARTIFACT = {"tampered-artifact": "tampered_model", "rollback-artifact": "old_model"}
+# Reconnects after a broker fault, for as long as the broker stays away: short delays (the run
+# measures how soon results flow again), jittered so a fleet does not knock all at once.
+RECONNECT = Backoff(initial_s=0.5, factor=2.0, cap_s=4.0, jitter=0.5)
+PEEK_WAIT_S = 2.0  # how long a peek waits for the retained result after subscribing
+MAX_ERRORS = 20  # a report keeps the newest errors (a long outage makes many)
 
 
 @dataclass
@@ -50,7 +56,12 @@ class DeviceReport:
     denied: list[str] = field(default_factory=list)
     attack_at: float | None = None
     offline: list[tuple[float, float]] = field(default_factory=list)  # (from, to)
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # the newest MAX_ERRORS, oldest first
+    error_count: int = 0
+
+    def error(self, text: str) -> None:
+        self.errors = [*self.errors[-(MAX_ERRORS - 1) :], text[:200]]
+        self.error_count += 1
 
     def to_json_dict(self) -> dict[str, Any]:
         doc = dict(self.__dict__)
@@ -110,6 +121,8 @@ class VirtualDevice:
         self.affirmed = asyncio.Event()
         self.captured: bytes | None = None
         self.client: aiomqtt.Client | None = None
+        self.phase = "starting"  # what the scenario is doing now
+        self.on_phase: Callable[[str], Awaitable[None]] | None = None  # awaited at each change
         self.attester = self._attester()
 
     def _attester(self) -> Attester:
@@ -141,13 +154,25 @@ class VirtualDevice:
     async def _behave(self) -> None:
         s = self.spec.scenario
         if s == "offline":
-            await self._online_for(self._until(self.spec.interval_s * 2))
-            await self._away(self.spec.grace_s / 2)  # within the grace: not stale
-            await self._online_for(self._until(self.spec.interval_s * 2))
-            await self._away(self.spec.interval_s * 2 + self.spec.grace_s + 2)  # beyond it
+            interval, grace = self.spec.interval_s, self.spec.grace_s
+            await self._enter("online")
+            await self._online_for(self._until(interval * 2))
+            await self._enter("away-within-grace")
+            await self._away(grace / 2)  # not stale
+            await self._enter("online-again")
+            await self._online_for(self._until(interval * 2))
+            await self._enter("away-beyond-grace")
+            await self._away_until_stale(most_s=4 * (interval + grace) + 10)
+            await self._enter("back")
             await self._online_for(self._stopped())
             return
+        await self._enter("online")
         await self._online_for(self._stopped(), attack=ATTACKS.get(s))
+
+    async def _enter(self, phase: str) -> None:
+        self.phase = phase
+        if self.on_phase is not None:
+            await self.on_phase(phase)
 
     def _until(self, seconds: float) -> asyncio.Future[Any]:
         return asyncio.ensure_future(asyncio.wait_for(self.stop.wait(), seconds))
@@ -161,26 +186,72 @@ class VirtualDevice:
             await asyncio.wait_for(self.stop.wait(), seconds)
         self.report.offline.append((start, time.time()))
 
+    async def _away_until_stale(self, most_s: float) -> None:
+        """Away (no status, no evidence) until the fleet has declared the device stale, or
+        `most_s`. A fixed time away is not enough: a broker restart meanwhile hands the verifier
+        the retained `online` status again, which restarts its count of the silence. The device
+        learns it is stale by peeking (below), which the verifier cannot tell from silence."""
+        start = time.time()
+        every = min(5.0, max(1.0, self.spec.grace_s / 2))
+        attempt = 0
+        while not self.stop.is_set():
+            if time.time() - start >= most_s:
+                self.report.error(f"not declared stale within {most_s:g} s away; back anyway")
+                break
+            try:
+                if await self._peek_stale(since=start):
+                    break
+                attempt, delay = 0, every
+            except aiomqtt.MqttError as e:  # the broker is down: try again, backing off
+                self.report.error(f"mqtt (while away): {e}")
+                delay, attempt = RECONNECT.delay(attempt), attempt + 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+        self.report.offline.append((start, time.time()))
+
+    async def _peek_stale(self, since: float) -> bool:
+        """Whether the retained result on the device's topic is a stale one issued since
+        `since`, read on a connection that subscribes to that topic alone and publishes
+        nothing."""
+        async with self._client() as client:
+            await client.subscribe(self._topic(topics.RESULT), qos=1)
+            try:
+                async with asyncio.timeout(PEEK_WAIT_S):
+                    async for msg in client.messages:
+                        payload = msg.payload if isinstance(msg.payload, bytes) else b""
+                        r = verify_result(payload, self.verifier_key)
+                        fresh = r.details.get("freshness")
+                        return r.status == "none" and fresh == "stale" and r.iat >= int(since)
+            except (TimeoutError, StrongroomError):  # no retained result, or not one to believe
+                return False
+        return False
+
+    def _client(self) -> aiomqtt.Client:
+        return aiomqtt.Client(
+            "localhost",
+            self.spec.port,
+            identifier=self.id,
+            tls_context=_tls(self.bundle),
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=30,
+            timeout=20,
+        )
+
     async def _online_for(self, until: asyncio.Future[Any], attack: Any = None) -> None:
-        """Connected (reconnecting after broker faults) until `until` completes."""
+        """Connected until `until` completes: after a broker fault, and for as long as the
+        broker stays away, it reconnects with back-off (RECONNECT)."""
+        attempt = 0
         while not until.done():
             try:
-                async with aiomqtt.Client(
-                    "localhost",
-                    self.spec.port,
-                    identifier=self.id,
-                    tls_context=_tls(self.bundle),
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    keepalive=30,
-                    timeout=20,
-                ) as client:
-                    self.client = client
+                async with self._client() as client:
+                    self.client, attempt = client, 0
                     await self._session(client, until, attack)
                     attack = None  # once
             except aiomqtt.MqttError as e:
                 self.client = None
-                self.report.errors.append(f"mqtt: {e}"[:200])
-                await asyncio.sleep(0.5 + random.random())  # noqa: S311 - back-off jitter
+                self.report.error(f"mqtt: {e}")
+                await asyncio.wait([until], timeout=RECONNECT.delay(attempt))
+                attempt += 1
             except StrongroomError as e:
                 self.report.local_refusals.append((time.time(), str(e)[:200]))
                 await asyncio.wait([until])
@@ -215,11 +286,22 @@ class VirtualDevice:
 
     async def send_evidence(self, nonce: bytes | None = None) -> bytes:
         token = await self.attester.evidence(nonce)
-        assert self.client is not None  # noqa: S101 - only called while connected
-        self.report.sent[evidence_seq(token)] = time.time()
-        await self.client.publish(self._topic(topics.EVIDENCE), token, qos=1)
+        await self._publish_evidence(topics.EVIDENCE, token, token)
         self.captured = self.captured or token
         return token
+
+    async def _publish_evidence(self, leaf: str, token: bytes, payload: bytes) -> None:
+        """Publish honest evidence (alone or in a key request), counted as sent once the broker
+        has acknowledged it: what a broker going down took before its PUBACK the fleet never
+        had (a real agent keeps it in its outbox), so it is not a loss of the fleet's."""
+        assert self.client is not None  # noqa: S101 - only called while connected
+        seq = evidence_seq(token)
+        self.report.sent[seq] = time.time()  # before: the answer may come first
+        try:
+            await self.client.publish(self._topic(leaf), payload, qos=1)
+        except aiomqtt.MqttError:
+            del self.report.sent[seq]
+            raise
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for msg in client.messages:
@@ -253,11 +335,9 @@ class VirtualDevice:
         with self.artifact.open("rb") as f:
             self.key_id = read_manifest(f).manifest.key_id
         token = await self.attester.evidence(nonce)
-        assert self.client is not None  # noqa: S101 - only called while connected
-        self.report.sent[evidence_seq(token)] = time.time()
         self.captured = self.captured or token
         request = messages.KeyRequest(token, (self.key_id,)).encode()
-        await self.client.publish(self._topic(topics.KEYS_REQUEST), request, qos=1)
+        await self._publish_evidence(topics.KEYS_REQUEST, token, request)
 
     async def _on_keys(self, response: messages.KeyResponse) -> None:
         for key in response.keys:

@@ -133,10 +133,10 @@ async def _run_devices(
     reports = []
     for device, task in zip(devices, tasks, strict=True):
         if task in pending:
-            device.report.errors.append(f"did not stop within {STOP_GRACE_S:g} s; cancelled")
+            device.report.error(f"did not stop within {STOP_GRACE_S:g} s; cancelled")
         elif task.exception() is not None:
             error = task.exception()
-            device.report.errors.append(f"{type(error).__name__}: {error}"[:300])
+            device.report.error(f"{type(error).__name__}: {error}")
         reports.append(device.report)
     return reports
 
@@ -145,8 +145,13 @@ async def _run_devices(
 
 
 async def _observe(kit: Kit, port: int, fleet: FleetLog, stop: asyncio.Event) -> None:
+    """The read-only observer. Retained messages on its first connection are state from before
+    this run and are skipped; after a reconnect (a broker restart), those it has not seen yet
+    were published while it was away and count, at the time they were appraised."""
     cn, cert, key = kit.home.dashboard_identity(OBSERVER_INSTANCE)
     verifier_key = kit.home.result_verify_key()
+    last: dict[str, bytes] = {}  # topic -> the latest payload seen there
+    connected_before = False
     while not stop.is_set():
         try:
             async with aiomqtt.Client(
@@ -162,16 +167,24 @@ async def _observe(kit: Kit, port: int, fleet: FleetLog, stop: asyncio.Event) ->
                     topics.ALERTS,
                 ):
                     await client.subscribe(topic, qos=1)
+                missed_while_away = connected_before
+                connected_before = True
                 async for msg in client.messages:
-                    if msg.retain:
-                        continue  # state from before this run
+                    topic = str(msg.topic)
                     payload = msg.payload if isinstance(msg.payload, bytes) else b""
-                    _observed(fleet, str(msg.topic), payload, verifier_key)
+                    seen, last[topic] = last.get(topic), payload
+                    if msg.retain and (not missed_while_away or seen == payload):
+                        continue  # from before this run, or seen already
+                    _observed(fleet, topic, payload, verifier_key, appraised_at=msg.retain)
         except aiomqtt.MqttError:
             await asyncio.sleep(0.5)
 
 
-def _observed(fleet: FleetLog, topic: str, payload: bytes, verifier_key: Any) -> None:
+def _observed(
+    fleet: FleetLog, topic: str, payload: bytes, verifier_key: Any, *, appraised_at: bool = False
+) -> None:
+    """Record one message; a result at the time it arrived or (`appraised_at`, for one that
+    arrived late) at its appraisal time."""
     now = time.time()
     try:
         if topic == topics.ALERTS:
@@ -182,7 +195,10 @@ def _observed(fleet: FleetLog, topic: str, payload: bytes, verifier_key: Any) ->
         if leaf == topics.RESULT and payload:
             r = verify_result(payload, verifier_key)
             if r.device_id == device:  # another device's result proves nothing about this one
-                fleet.result(device, now, r.status, "; ".join(r.reasons))
+                at = float(r.iat) if appraised_at else now
+                seq = r.details.get("seq")
+                seq = seq if isinstance(seq, int) and not isinstance(seq, bool) else 0
+                fleet.result(device, at, r.status, "; ".join(r.reasons), seq)
         elif leaf == topics.STATUS and payload:
             fleet.status(device, messages.Status.decode(payload).report)
     except StrongroomError:
@@ -274,7 +290,10 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
 # -- the run ---------------------------------------------------------------------------------------
 
 
-def run(config: SimConfig, out: Any = sys.stdout) -> int:
+def run(config: SimConfig, out: Any = None) -> int:
+    """Run the simulation and write its scorecard; progress and the table go to `out` (the
+    standard output of the moment the run starts, by default)."""
+    out = out if out is not None else sys.stdout
     names = config.scenarios
     notes: list[str] = []
     if config.broker_url is not None and "broker-restart" in names:

@@ -11,6 +11,8 @@ from device_sim import scenarios as sc
 from device_sim.device import FORGED_MARK, DeviceReport
 
 SETTLE_S = 3.0  # evidence sent this close to the end is not counted as lost
+TABLE_MISMATCHES = 10  # mismatched devices listed under the table (all of them in the JSON)
+LAST_ERRORS = 3  # a mismatched device's newest errors shown
 
 
 @dataclass
@@ -19,14 +21,18 @@ class FleetLog:
 
     results: dict[str, list[tuple[float, str, str]]] = field(default_factory=dict)  # t, status, why
     alerts: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    answered: dict[str, dict[int, float]] = field(default_factory=dict)  # seq -> first result
     forged_status_seen: set[str] = field(default_factory=set)
     broker_restarted_at: float | None = None
     started_at: float = 0.0  # devices started connecting
     ended_at: float = 0.0  # devices told to stop
     missing_reports: int = 0  # devices whose worker process ended without reporting
 
-    def result(self, device: str, t: float, status: str, why: str) -> None:
+    def result(self, device: str, t: float, status: str, why: str, seq: int = 0) -> None:
         self.results.setdefault(device, []).append((t, status, why))
+        if seq:  # the evidence it answers (stale results answer none)
+            first = self.answered.setdefault(device, {})
+            first[seq] = min(t, first.get(seq, t))
 
     def alert(self, device: str, t: float, reason: str) -> None:
         self.alerts.setdefault(device, []).append((t, reason))
@@ -66,15 +72,57 @@ def judge(r: DeviceReport, log: FleetLog) -> tuple[str, float | None]:  # noqa: 
 
 
 def _offline(r: DeviceReport, results: list[tuple[float, str, str]]) -> tuple[str, float | None]:
+    verdict, seen_at, _why = _offline_judged(r, results)
+    return verdict, seen_at
+
+
+def _offline_judged(
+    r: DeviceReport, results: list[tuple[float, str, str]]
+) -> tuple[str, float | None, str]:
+    """The offline scenario's verdict, when it was seen, and what was missing if anything."""
     if len(r.offline) < 2:
-        return sc.NOT_RECOVERED, None
+        return sc.NOT_RECOVERED, None, f"away {len(r.offline)} of 2 times before the run ended"
     (short_from, short_to), (long_from, long_to) = r.offline[0], r.offline[1]
     stale = [t for t, s, why in results if s == "none" and "stale" in why]
     stale_early = any(short_from <= t <= short_to + 0.5 for t in stale)
     stale_late = [t for t in stale if long_from <= t <= long_to + 1.0]
     back = any(t > long_to and s == "affirming" for t, s, _ in results)
-    ok = stale_late and not stale_early and back
-    return (sc.RECOVERED if ok else sc.NOT_RECOVERED), (stale_late[0] if stale_late else None)
+    seen_at = stale_late[0] if stale_late else None
+    if stale_early:
+        return sc.NOT_RECOVERED, seen_at, "declared stale while away within the grace"
+    if not stale_late:
+        return sc.NOT_RECOVERED, None, "not declared stale while away beyond the grace"
+    if not back:
+        return sc.NOT_RECOVERED, seen_at, "no affirming result after coming back"
+    return sc.RECOVERED, seen_at, ""
+
+
+def why_observed(r: DeviceReport, log: FleetLog) -> str:
+    """What the fleet showed of a device, in a few words: why its verdict is what it is."""
+    results = sorted(log.results.get(r.device_id, []))
+    missing = ""
+    if r.scenario == "offline":
+        missing = _offline_judged(r, results)[2]
+    elif r.scenario == "broker-restart" and log.broker_restarted_at is not None:
+        missing = _restart_missing(results, log.broker_restarted_at)
+    if missing:
+        return missing
+    if r.local_refusals:
+        return f"refused locally: {r.local_refusals[0][1]}"
+    if r.keys_refused:
+        return f"keys refused: {r.keys_refused[0]}"
+    if not results:
+        return "no result"
+    _t, status, why = results[-1]
+    return f"last result {status}" + (f": {why}" if why else "")
+
+
+def _restart_missing(results: list[tuple[float, str, str]], at: float) -> str:
+    if not any(t < at and s == "affirming" for t, s, _ in results):
+        return "no affirming result before the broker restart"
+    if not any(t > at and s == "affirming" for t, s, _ in results):
+        return "no affirming result after the broker restart"
+    return ""
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -115,8 +163,11 @@ def scorecard(reports: list[DeviceReport], log: FleetLog, meta: dict[str, Any]) 
                 {
                     "device": r.device_id,
                     "scenario": r.scenario,
+                    "expected": s.expected,
                     "observed": verdict,
-                    "errors": r.errors[:3],
+                    "why": why_observed(r, log),
+                    "errors": r.errors[-LAST_ERRORS:],  # the newest: what it last ran into
+                    "error_count": r.error_count,
                     "local_refusals": [why for _t, why in r.local_refusals[:3]],
                 }
             )
@@ -129,12 +180,17 @@ def scorecard(reports: list[DeviceReport], log: FleetLog, meta: dict[str, Any]) 
             start = r.attack_at or (min(r.sent.values()) if r.sent else None)
             if seen_at is not None and start is not None:
                 row["_ttd"].append(max(0.0, seen_at - start))
-        received = {seq: t for t, _status, seq, _why in r.results}
+        # seq -> the first time its result was seen, by the device or the observer (one of
+        # them may have been away): the retained copy that comes again after a reconnect is
+        # not the answer, it only repeats it
+        received = dict(log.answered.get(r.device_id, {}))
+        for t, _status, seq, _why in r.results:
+            received[seq] = min(t, received.get(seq, t))
         for seq, t_sent in r.sent.items():
             sent += 1
             if seq in received:
                 results += 1
-                latencies.append(received[seq] - t_sent)
+                latencies.append(max(0.0, received[seq] - t_sent))  # iat: whole seconds
             elif _should_have_result(s.expected, t_sent, r, log):
                 lost += 1
     for row in per.values():
@@ -187,7 +243,15 @@ def table(card: dict[str, Any]) -> str:
         f"evidence sent {ev['sent']}, results {ev['results_received']}, lost {ev['lost']}; "
         f"evidence -> result p50 {ev['latency_ms']['p50']} ms, p99 {ev['latency_ms']['p99']} ms"
     )
-    lines.append(
-        "PASSED" if card["passed"] else f"FAILED: {len(card['mismatched_devices'])} mismatches"
-    )
+    mismatched = card["mismatched_devices"]
+    for m in mismatched[:TABLE_MISMATCHES]:
+        lines.append(
+            f"  {m['device']} ({m['scenario']}): {m['observed']}, expected {m['expected']}: "
+            f"{m['why']}"
+        )
+        if m["errors"]:
+            lines.append(f"    last errors: {' | '.join(m['errors'])}")
+    if len(mismatched) > TABLE_MISMATCHES:
+        lines.append(f"  ... and {len(mismatched) - TABLE_MISMATCHES} more in the JSON report")
+    lines.append("PASSED" if card["passed"] else f"FAILED: {len(mismatched)} mismatches")
     return "\n".join(lines)
