@@ -24,6 +24,7 @@ import structlog
 
 from agent.errors import EnclaveError
 from agent.host import EnclaveHost, HostConfig, WrappedKey, manifest_of
+from agent.launcher import Launcher
 from agent.local_api import LocalApi
 from agent.outbox import Outbox
 from strongroom import bundle, messages, topics
@@ -49,15 +50,20 @@ class AgentConfig:
     attest_interval_s: float = DEFAULT_INTERVAL_S
     outbox_capacity: int = 1000
     mqtt_protocol: Literal[5, 311] = 5
+    separation_required: bool = True  # see HostConfig
 
 
 class AgentDaemon:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, launcher: Launcher | None = None) -> None:
         self.config = config
         self.host = EnclaveHost(
             HostConfig(
-                bundle=config.bundle, state_dir=config.state_dir, production=config.production
-            )
+                bundle=config.bundle,
+                state_dir=config.state_dir,
+                production=config.production,
+                separation_required=config.separation_required,
+            ),
+            launcher,
         )
         self.device_id = self.host.info.device_id
         self.outbox = Outbox(config.state_dir / "outbox", config.outbox_capacity)
@@ -199,11 +205,13 @@ class AgentDaemon:
         self.renew_at.clear()
         self.revoked = True
         log.warning("revoked", reason=reason)
-        self._publish_status("revoked", report=reason)
+        self._publish_status("revoked", report=reason, command=command.nonce)
 
-    def _publish_status(self, state: str, report: str = "") -> None:
+    def _publish_status(self, state: str, report: str = "", command: bytes = b"") -> None:
+        """`command`: with `revoked`, the nonce of the command obeyed (the verifier counts a
+        confirmation only of a command it sent)."""
         try:
-            status = messages.Status(state, time.time(), report).encode()
+            status = messages.Status(state, time.time(), report, command).encode()
             self.mqtt.publish(
                 topics.device_topic(self.device_id, topics.STATUS), status, retain=True
             )

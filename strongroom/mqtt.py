@@ -8,6 +8,9 @@
   and queued QoS 1 messages across reconnects.
 - Callbacks only translate and enqueue into a bounded inbox; they never block or wait.
 - Every wait has a timeout; paho's return codes become `MqttError`.
+- With `manual_ack`, a QoS 1 message is acknowledged only when the owner calls `ack` after it has
+  committed what it decided: a crash before that leaves the message with the broker, which
+  delivers it again to the resumed session (at-least-once, end to end).
 - Socket I/O is buffered (`_BufferedPaho`): one TLS read takes what has arrived, and what paho
   writes is sent together by the network thread, once per turn.
 """
@@ -32,6 +35,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from strongroom.errors import EnvironmentFault, InputError
 from strongroom.retry import Backoff
@@ -71,6 +75,7 @@ class MqttSettings:
     backoff: Backoff = field(default_factory=Backoff)
     inbox_size: int = 10_000
     max_inflight: int = 100
+    manual_ack: bool = False  # QoS 1 messages are acknowledged by `ack`, not on receipt
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,9 @@ class Inbound:
     payload: bytes
     retain: bool
     received: float = 0.0  # time.monotonic() when the network thread took it
+    mid: int = 0  # the packet id, for `MqttClient.ack`
+    qos: int = 0
+    session: int = 0  # which connection delivered it (an ack after a reconnect is not sent)
 
 
 def mqtt_protocol(version: str) -> Literal[5, 311]:
@@ -182,7 +190,8 @@ class MqttClient:
         self.dropped = 0  # messages that found the inbox full (none: see _room)
         self.last_error = ""
         self._paused = False
-        self._subscriptions: dict[str, int] = {}
+        self._subscriptions: dict[str, tuple[int, bool]] = {}  # topic: qos, retain as published
+        self._session = 0  # connections so far: an Inbound's `session`
         self._suback: dict[int, list[int]] = {}
         self._suback_cond = threading.Condition()
         self._stop = threading.Event()
@@ -206,6 +215,7 @@ class MqttClient:
             client_id=s.client_id,
             protocol=protocol,
             clean_session=None if s.protocol == 5 else s.clean_start,
+            manual_ack=s.manual_ack,
         )
         context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.ca))
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -229,9 +239,10 @@ class MqttClient:
         if rc.is_failure:
             self.last_error = f"connection refused: {rc}"
             return
+        self._session += 1  # messages of the last connection come again if unacknowledged
         self.connected.set()
-        for topic, qos in self._subscriptions.items():
-            client.subscribe(topic, qos)
+        for topic, (qos, as_published) in self._subscriptions.items():
+            client.subscribe(topic, **self._subscribe_options(qos, as_published))
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         self.connected.clear()
@@ -240,7 +251,15 @@ class MqttClient:
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         try:
             self.inbox.put_nowait(
-                Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), time.monotonic())
+                Inbound(
+                    msg.topic,
+                    bytes(msg.payload),
+                    bool(msg.retain),
+                    time.monotonic(),
+                    msg.mid,
+                    msg.qos,
+                    self._session,
+                )
             )
         except queue.Full:  # not while the socket pauses at a full inbox (see _room)
             self.dropped += 1
@@ -394,6 +413,13 @@ class MqttClient:
                 return
             self._turn(0)
 
+    def idle(self, timeout: float) -> None:
+        """Wait without taking messages, keeping the connection alive (driven: by pumping)."""
+        if self.driven:
+            self.pump(timeout)
+        else:
+            self._stop.wait(timeout)
+
     def _wait(self, done: Callable[[], bool], timeout: float) -> bool:
         """Driven mode: pump until `done()` or the timeout."""
         deadline = time.monotonic() + timeout
@@ -417,13 +443,30 @@ class MqttClient:
 
     # -- operations (never from a callback) ----------------------------------------------------
 
-    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> list[int]:
-        """Subscribe (and again after every reconnect); return the SUBACK reason codes."""
-        self._subscriptions[topic] = qos
+    def _subscribe_options(self, qos: int, as_published: bool) -> dict[str, Any]:
+        if self.settings.protocol == 5 and as_published:
+            return {"options": SubscribeOptions(qos=qos, retainAsPublished=True)}
+        return {"qos": qos}
+
+    def subscribe(
+        self,
+        topic: str,
+        qos: int = 1,
+        timeout: float = 10.0,
+        *,
+        retain_as_published: bool = False,
+    ) -> list[int]:
+        """Subscribe (and again after every reconnect); return the SUBACK reason codes.
+        `retain_as_published` (MQTT 5): live messages keep the retain flag they were published
+        with, so a retained publish is recognisable as it happens (MQTT 3.1.1 clears the flag on
+        live messages; only those replayed from the retained store carry it)."""
+        self._subscriptions[topic] = (qos, retain_as_published)
         if not self.connected.is_set():
             return []
         with self._lock:
-            rc, mid = self._client.subscribe(topic, qos)
+            rc, mid = self._client.subscribe(
+                topic, **self._subscribe_options(qos, retain_as_published)
+            )
         self._wake()
         if rc != paho.MQTT_ERR_SUCCESS or mid is None:
             raise MqttError(f"cannot subscribe to {topic}: {paho.error_string(rc)}")
@@ -466,6 +509,18 @@ class MqttClient:
             raise MqttError(f"publish to {topic} failed: {e}") from e
         if not info.is_published():
             raise MqttError(f"no acknowledgement for {topic} within {timeout:g} s")
+
+    def ack(self, msg: Inbound) -> None:
+        """Acknowledge a message (with `manual_ack`, once what it caused is committed). One from
+        an earlier connection is not acknowledged: the broker delivers it again on the resumed
+        session, and its packet id may by now name another message."""
+        if not self.settings.manual_ack or msg.qos == 0 or msg.session != self._session:
+            return
+        with self._lock:
+            rc = self._client.ack(msg.mid, msg.qos)
+        self._wake()
+        if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.debug("mqtt_ack_not_sent", reason=paho.error_string(rc))
 
     def receive(self, timeout: float) -> Inbound | None:
         if self.driven:

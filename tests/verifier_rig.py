@@ -14,7 +14,7 @@ from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome
 from strongroom import topics
 from strongroom.ear import verify_result
-from strongroom.mqtt import Inbound
+from strongroom.mqtt import Inbound, MqttError
 from verifier.service import Verifier, VerifierConfig
 from verifier.store_sqlite import SqliteStore
 
@@ -23,11 +23,25 @@ from verifier.store_sqlite import SqliteStore
 class Recorder:
     published: list[tuple[str, bytes, bool]] = field(default_factory=list)
     inbox: queue.Queue[Inbound] = field(default_factory=queue.Queue)
+    acked: list[Inbound] = field(default_factory=list)
+    fail_on: str = ""  # publishing to a topic ending so raises MqttError (a broker gone away)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True
     ) -> None:
+        if self.fail_on and topic.endswith(self.fail_on):
+            raise MqttError(f"not connected; cannot publish to {topic}")
         self.published.append((topic, payload, retain))
+
+    def ack(self, msg: Inbound) -> None:
+        self.acked.append(msg)
+
+    def idle(self, timeout: float) -> None:
+        pass
+
+    def on(self, leaf: str) -> list[tuple[bytes, bool]]:
+        """(payload, retain) of what was published on topics ending in `leaf`."""
+        return [(p, r) for t, p, r in self.published if t.endswith(leaf)]
 
     def results(self, home: FleetHome) -> list[tuple[str, int]]:
         """(device, evidence seq) of each published result, in order."""
@@ -46,10 +60,14 @@ class Rig:
     mqtt: Recorder
     enclaves: dict[str, InlineEnclave]
     store: SqliteStore
+    root: Path
 
-    def evidence(self, device_id: str) -> Inbound:
-        token = self.enclaves[device_id].evidence()
+    def evidence(self, device_id: str, nonce: bytes | None = None) -> Inbound:
+        token = self.enclaves[device_id].evidence(nonce)
         return Inbound(topics.device_topic(device_id, topics.EVIDENCE), token, False)
+
+    def bundle(self, device_id: str) -> Path:
+        return self.root / device_id
 
 
 def make_rig(tmp_path: Path, fleet_home: FleetHome) -> Rig:
@@ -65,4 +83,4 @@ def make_rig(tmp_path: Path, fleet_home: FleetHome) -> Rig:
     mqtt = Recorder()
     store = SqliteStore(tmp_path / "state.sqlite")
     verifier = Verifier(VerifierConfig(fleet_home), store, mqtt)  # type: ignore[arg-type]
-    return Rig(fleet_home, verifier, mqtt, enclaves, store)
+    return Rig(fleet_home, verifier, mqtt, enclaves, store, tmp_path)

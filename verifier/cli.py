@@ -58,6 +58,7 @@ def _verifier_run(args: argparse.Namespace) -> int:
             key=key,
             client_id=cn,
             protocol=mqtt_protocol(args.mqtt),
+            manual_ack=True,  # acknowledged once what the verifier decided is committed
         ),
         driven=True,  # its own loop does the network work: no second thread, no GIL hand-offs
     )

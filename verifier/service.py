@@ -7,6 +7,13 @@ Key requests carry evidence that must answer an outstanding challenge; only an a
 releases keys, each wrapped (HPKE) to the enclave key bound in that evidence. Anything malformed,
 unsigned, wrongly signed, replayed or from an unknown device is logged with its reason, raises an
 alert on `fleet/alerts`, and changes no state.
+
+Nothing stops the loop: an exception while handling one message is that message's rejection (logged
+with its topic, alerted), and a message is acknowledged to the broker only once what was decided
+about it is committed, so a crash redelivers what was not (the freshness checks make a redelivery
+harmless). What a device can make the verifier do (challenges, status handling, alerts) is rate
+limited per device. Retained messages on the topics devices publish evidence and key requests on
+are ignored and cleared, so nothing replays at every start.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import structlog
@@ -36,6 +43,7 @@ from verifier.appraisal import appraise
 from verifier.audit import AuditLog
 from verifier.metrics import VerifierMetrics
 from verifier.operator import audit_path, claim_requests, requests_dir
+from verifier.ratelimit import DeviceLimiter, FloodNotices, RateLimits
 from verifier.release import refusal
 from verifier.store import Acceptance, Candidate, Freshness, StateStore, StoredResult
 
@@ -45,6 +53,11 @@ TICK_S = 0.2
 BATCH_MAX = 64  # messages taken from the inbox at once (only what has already arrived)
 REGISTRY_RELOAD_S = 60.0  # a full re-read at least this often; changes are seen at once
 KEY_AAD_DOMAIN = b"strongroom/key-release/v1|"
+RETRY_S = 1.0  # after the store could not commit a batch, this long until it is tried again
+NOT_RETAINED = (
+    topics.EVIDENCE,
+    topics.KEYS_REQUEST,
+)  # device topics whose retained copies we clear
 
 
 class Rejected(IntegrityError):
@@ -60,6 +73,7 @@ class VerifierConfig:
     home: FleetHome
     shared: bool = False  # join the `$share/verifiers` group (several verifier processes)
     challenge_interval_s: float | None = None  # default: the policy's attestation interval
+    limits: RateLimits = field(default_factory=RateLimits)
 
 
 def key_aad(device_id: str, nonce: bytes) -> bytes:
@@ -89,7 +103,14 @@ class Verifier:
         self._last_reload = 0.0
         self._last_stale_check = 0.0
         self.counts: dict[str, int] = {}
-        self._revoked_at: dict[str, float] = {}
+        limits = config.limits
+        self._status_limit = DeviceLimiter(limits.status)
+        self._challenge_limit = DeviceLimiter(limits.challenges)
+        self._alert_limit = DeviceLimiter(limits.alerts)
+        self._flood_notices = FloodNotices(limits.flood_alert_every_s)
+        self._commanded: set[str] = set()  # revoked devices sent a command since this start
+        self._unacked: list[Inbound] = []  # a batch the store could not commit, to try again
+        self._retry_at = 0.0
         self._stamp: tuple[int, int] = (0, 0)
         self._requests_stamp = 0
         self.metrics = VerifierMetrics(self.counts, mqtt.inbox.qsize)
@@ -141,7 +162,25 @@ class Verifier:
         self.counts[what] = self.counts.get(what, 0) + 1
 
     def alert(self, severity: str, device_id: str, reason: str) -> None:
-        log.warning("alert", severity=severity, device=device_id, reason=reason)
+        """Raise an alert about a device, within its alert rate (past it, one says it floods)."""
+        if not self._alert_limit.allow(device_id, self.clock()):
+            self._count("alerts_suppressed")
+            self._flooding(device_id, "alerts")
+            return
+        self._publish_alert(severity, device_id, reason)
+
+    def _flooding(self, device_id: str, what: str) -> None:
+        """Say once in a while that a device triggers more `what` than its rate allows."""
+        if self._flood_notices.due(device_id, what, self.clock()):
+            log.warning("device_flooding", device=device_id, over_limit=what)
+            reason = f"flooding: {what} over the device's rate limit are dropped"
+            self._publish_alert("warning", device_id, reason)
+
+    def _publish_alert(self, severity: str, device_id: str, reason: str) -> None:
+        if severity == "critical":
+            log.error("alert", severity=severity, device=device_id, reason=reason)
+        else:
+            log.warning("alert", severity=severity, device=device_id, reason=reason)
         self._count(f"alert_{severity}")
         try:
             payload = messages.Alert(severity, device_id, reason, self.clock()).encode()
@@ -156,23 +195,29 @@ class Verifier:
             record = replace(record, status="revoked")
             self.registry.put(record)
             self.audit.append("revoked", device_id, reason=reason, by="verifier")
+        elif device_id in self._commanded:
+            return  # revoked already, and its retained command stands: nothing new to say
         self.devices[device_id] = record
         self.store.sync_devices([record])
         self._send_revoke(device_id, reason)
 
     def _send_revoke(self, device_id: str, reason: str) -> None:
         self.alert("critical", device_id, f"revoked: {reason}")
-        command = sign_command(Command.revoke(device_id, reason, self.clock()), self._result_key)
-        self._revoked_at[device_id] = self.clock()
+        command = Command.revoke(device_id, reason, self.clock())
+        self.store.record_command(device_id, command.nonce, command.issued_at)
         try:
             topic = topics.device_topic(device_id, topics.COMMAND)
-            self.mqtt.publish(topic, command, retain=True)  # retained: reaches it when back
-        except MqttError as e:
+            signed = sign_command(command, self._result_key)
+            self.mqtt.publish(topic, signed, retain=True)  # retained: reaches it when back
+            self._commanded.add(device_id)
+        except MqttError as e:  # sent again at the device's next contraindicated evidence
             log.error("revoke_not_published", device=device_id, reason=str(e))
         self._count("revocations")
 
     def _reinstated(self, device_id: str) -> None:
         log.info("reinstated", device=device_id)
+        self._commanded.discard(device_id)
+        self.store.forget_command(device_id)
         try:
             self.mqtt.publish(topics.device_topic(device_id, topics.COMMAND), b"", retain=True)
             self.challenge(device_id)  # it must attest afresh before any key is released
@@ -180,6 +225,10 @@ class Verifier:
             log.warning("reinstatement_not_announced", device=device_id, reason=str(e))
 
     def challenge(self, device_id: str) -> None:
+        if not self._challenge_limit.allow(device_id, self.clock()):
+            self._count("challenges_suppressed")
+            self._flooding(device_id, "challenges")
+            return
         nonce = os.urandom(NONCE_SIZE)
         expires = self.clock() + self.policy.nonce_ttl_s
         self.store.issue_nonce(device_id, nonce, expires)
@@ -237,6 +286,7 @@ class Verifier:
             return outcomes
         now = self.clock()
         saved: list[StoredResult] = []
+        duplicates: list[str] = []
 
         def results(acceptances: list[Acceptance]) -> list[StoredResult]:
             for (i, ev, candidate), acceptance in zip(verified, acceptances, strict=True):
@@ -247,6 +297,7 @@ class Verifier:
                     continue
                 if freshness is None:
                     self._count("duplicates")
+                    duplicates.append(ev.device_id)
                     continue
                 result = self._result(ev, freshness, now)
                 if acceptance.newest:  # late evidence does not replace a newer result
@@ -262,10 +313,27 @@ class Verifier:
                 self.mqtt.publish(topic, stored.token, retain=True, wait=False)
             except MqttError as e:
                 log.error("result_not_published", device=stored.device_id, reason=str(e))
+        published = {stored.device_id for stored in saved}
+        for device_id in dict.fromkeys(duplicates):
+            if device_id not in published:  # a redelivery within the batch: its result just went
+                self._publish_again(device_id)
         for outcome in outcomes:
             if isinstance(outcome, tuple):
                 self._appraised(*outcome)
         return outcomes
+
+    def _publish_again(self, device_id: str) -> None:
+        """A redelivery of the last evidence accepted from a device: perhaps its result never
+        left (a crash after the commit, before the publish), so the stored result goes again
+        (retained: the same state, whoever saw it before). At the device's challenge rate."""
+        stored = self.store.result(device_id)
+        if stored is None or not self._challenge_limit.allow(device_id, self.clock()):
+            return
+        try:
+            topic = topics.device_topic(device_id, topics.RESULT)
+            self.mqtt.publish(topic, stored.token, retain=True, wait=False)
+        except MqttError as e:
+            log.warning("result_not_published", device=device_id, reason=str(e))
 
     @staticmethod
     def _admitted(freshness: Freshness, ev: Evidence, need_fresh: bool) -> Freshness | None:
@@ -377,20 +445,33 @@ class Verifier:
             return "unknown key"
         return refusal(entry, ev, self.policy)
 
-    def handle_status(self, device_id: str, payload: bytes) -> None:
+    def handle_status(self, device_id: str, payload: bytes, *, retained: bool = False) -> None:
         self._device(device_id, "status")
+        if not self._status_limit.allow(device_id, self.clock()):
+            self._count("status_suppressed")
+            self._flooding(device_id, "status messages")
+            return
         status = messages.Status.decode(payload)
         self.store.set_online(device_id, status.state != "offline", self.clock())
         if status.report:
             self.alert("warning", device_id, f"device reports: {status.report}")
         if status.state == "revoked":
-            started = self._revoked_at.pop(device_id, None)
-            latency = None if started is None else round(self.clock() - started, 3)
-            self.audit.append("revocation_confirmed", device_id, latency_s=latency)
-            log.info("revocation_confirmed", device=device_id, latency_s=latency)
+            self._revocation_confirmed(device_id, status.command, retained=retained)
         elif status.state == "online" and not status.report:
             self.store.claim_challenge(device_id, self.clock(), 0.0)  # the next is an interval on
             self.challenge(device_id)
+
+    def _revocation_confirmed(self, device_id: str, nonce: bytes, *, retained: bool) -> None:
+        """A device confirms a revoke: only one the verifier sent (its command's nonce), once."""
+        issued = self.store.confirm_command(device_id, nonce) if nonce else None
+        if issued is None:
+            if retained:  # the broker's copy of a confirmation already counted, or of old
+                log.info("revocation_status_replayed", device=device_id)
+                return
+            raise Rejected("status confirms a revocation the verifier did not send, or did again")
+        latency = round(self.clock() - issued, 3)
+        self.audit.append("revocation_confirmed", device_id, latency_s=latency)
+        log.info("revocation_confirmed", device=device_id, latency_s=latency)
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -398,7 +479,9 @@ class Verifier:
         self.handle_batch([msg])
 
     def handle_batch(self, msgs: Sequence[Inbound]) -> None:
-        """Handle messages in arrival order; a run of evidence is appraised together."""
+        """Handle messages in arrival order; a run of evidence is appraised together. Whatever a
+        message holds, handling it ends in its result or its rejection; only the store's failure
+        to commit (`store.transient_errors`) is raised, so the batch is tried again."""
         evidence: list[tuple[Inbound, str]] = []
         for msg in msgs:
             try:
@@ -408,29 +491,65 @@ class Verifier:
             except StrongroomError as e:
                 self._rejected(msg, e)
                 continue
+            if msg.retain and leaf in NOT_RETAINED:
+                self._clear_retained(msg, device_id)
+                continue
             if leaf == topics.EVIDENCE:
                 self._count("evidence")
                 evidence.append((msg, device_id))
                 continue
             self._appraise_evidence(evidence)
             evidence = []
-            try:
-                if leaf == topics.KEYS_REQUEST:
-                    self._count("key_requests")
-                    self.handle_key_request(device_id, msg.payload)
-                    self._observe_latency(msg)
-                elif leaf == topics.STATUS and msg.payload:  # empty: a cleared retained message
-                    self.handle_status(device_id, msg.payload)
-            except StrongroomError as e:
-                self._rejected(msg, e)
-            except MqttError as e:
-                log.warning("reply_not_published", topic=msg.topic[:120], reason=str(e))
+            self._handle_one(msg, device_id, leaf)
         self._appraise_evidence(evidence)
+
+    def _handle_one(self, msg: Inbound, device_id: str, leaf: str) -> None:
+        try:
+            if leaf == topics.KEYS_REQUEST:
+                self._count("key_requests")
+                self.handle_key_request(device_id, msg.payload)
+                self._observe_latency(msg)
+            elif leaf == topics.STATUS and msg.payload:  # empty: a cleared retained message
+                self.handle_status(device_id, msg.payload, retained=msg.retain)
+        except MqttError as e:  # before StrongroomError, its base: our reply failed, not them
+            log.warning("reply_not_published", topic=msg.topic[:120], reason=str(e))
+        except StrongroomError as e:
+            self._rejected(msg, e)
+        except self.store.transient_errors:
+            raise
+        except Exception as e:  # a defect met by this input: it must not stop the verifier
+            self._failed(msg, e)
+
+    def _clear_retained(self, msg: Inbound, device_id: str) -> None:
+        """Devices publish evidence and key requests unretained; a retained copy would be
+        handed to every verifier at every start. It is ignored, and cleared from the broker."""
+        if not msg.payload:
+            return  # a cleared topic (our own clearing, seen again)
+        self._count("retained_cleared")
+        log.warning("retained_message_cleared", topic=msg.topic[:120])
+        try:
+            self.mqtt.publish(msg.topic, b"", retain=True, wait=False)
+        except MqttError as e:
+            log.warning("retained_message_not_cleared", topic=msg.topic[:120], reason=str(e))
+        self.alert("warning", device_id, f"ignored a retained message on {msg.topic[:120]}")
 
     def _appraise_evidence(self, evidence: Sequence[tuple[Inbound, str]]) -> None:
         if not evidence:
             return
-        outcomes = self._appraise_many([(device_id, m.payload, False) for m, device_id in evidence])
+        try:
+            outcomes = self._appraise_many(
+                [(device_id, m.payload, False) for m, device_id in evidence]
+            )
+        except self.store.transient_errors:
+            raise
+        except Exception as e:
+            if len(evidence) == 1:
+                self._failed(evidence[0][0], e)
+            else:  # find the one that fails: the others are appraised as usual
+                log.warning("batch_failed_retrying_one_by_one", error=type(e).__name__)
+                for item in evidence:
+                    self._appraise_evidence([item])
+            return
         for (msg, _device_id), outcome in zip(evidence, outcomes, strict=True):
             if isinstance(outcome, StrongroomError):
                 self._rejected(msg, outcome)
@@ -443,9 +562,18 @@ class Verifier:
 
     def _rejected(self, msg: Inbound, error: StrongroomError) -> None:
         self._count("rejected")
-        device = msg.topic.split("/")[1] if msg.topic.count("/") >= 2 else "?"
         log.warning("message_rejected", topic=msg.topic[:120], reason=str(error))
-        self.alert("warning", device[:64], f"rejected {msg.topic[:120]}: {error}")
+        self.alert("warning", _topic_device(msg), f"rejected {msg.topic[:120]}: {error}")
+
+    def _failed(self, msg: Inbound, error: Exception) -> None:
+        """A message whose handling raised what no input should: a defect. Logged with its
+        topic and traceback, alerted, counted; the verifier goes on."""
+        self._count("internal_errors")
+        log.error(
+            "message_failed", topic=msg.topic[:120], error=type(error).__name__, exc_info=error
+        )
+        reason = f"rejected {msg.topic[:120]}: internal error ({type(error).__name__})"
+        self.alert("warning", _topic_device(msg), reason)
 
     def _sources_changed(self) -> bool:
         """Whether the registry or the policy changed on disk (atomic writes rename files, which
@@ -504,7 +632,7 @@ class Verifier:
 
     def run(self, stop: Callable[[], bool]) -> None:
         for topic in self.subscriptions():
-            self.mqtt.subscribe(topic)
+            self.mqtt.subscribe(topic, retain_as_published=True)
         self._last_stale_check = self.clock()
         was_connected = self.mqtt.connected.is_set()
         last_tick = 0.0
@@ -513,15 +641,50 @@ class Verifier:
             if connected and not was_connected:
                 log.info("broker_connected")
             was_connected = connected
-            msg = self.mqtt.receive(timeout=0.2)
-            if msg is not None:
-                batch = [msg]
-                while len(batch) < BATCH_MAX and (more := self.mqtt.receive(timeout=0)):
-                    batch.append(more)
-                self.handle_batch(batch)
+            if self._unacked:
+                self._retry_unacked()
+            else:
+                msg = self.mqtt.receive(timeout=0.2)
+                if msg is not None:
+                    batch = [msg]
+                    while len(batch) < BATCH_MAX and (more := self.mqtt.receive(timeout=0)):
+                        batch.append(more)
+                    self.commit(batch)
             if time.monotonic() - last_tick >= TICK_S:  # not per message: stat calls add up
                 last_tick = time.monotonic()
-                self.tick()
+                try:
+                    self.tick()
+                except Exception as e:  # the registry, the policy or the store: next tick again
+                    log.error("tick_failed", error=type(e).__name__, reason=str(e)[:200])
+
+    def commit(self, batch: Sequence[Inbound]) -> bool:
+        """Handle a batch and acknowledge it once what was decided is committed. If the store
+        cannot commit, nothing is acknowledged and the batch is kept to be tried again."""
+        try:
+            self.handle_batch(batch)
+        except self.store.transient_errors as e:
+            if not self._unacked:
+                log.error("store_unavailable", reason=str(e)[:200], messages=len(batch))
+            self._unacked, self._retry_at = list(batch), time.monotonic() + RETRY_S
+            return False
+        for msg in batch:
+            self.mqtt.ack(msg)
+        if self._unacked:
+            log.info("store_available_again", messages=len(batch))
+            self._unacked = []
+        return True
+
+    def _retry_unacked(self) -> None:
+        wait = self._retry_at - time.monotonic()
+        if wait > 0:
+            self.mqtt.idle(min(wait, 0.2))  # the connection stays alive meanwhile
+            return
+        self.commit(self._unacked)
+
+
+def _topic_device(msg: Inbound) -> str:
+    parts = msg.topic.split("/")
+    return parts[1][:64] if len(parts) >= 3 else "?"
 
 
 def verifier_db_path(home: FleetHome) -> Path:

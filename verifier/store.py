@@ -52,6 +52,10 @@ MakeResults = Callable[[list[Acceptance]], Sequence[StoredResult]]
 
 
 class StateStore(Protocol):
+    # what the store raises when it cannot commit now (a locked or unreachable database): the
+    # caller keeps what it was doing and tries again, rather than acknowledging it as done
+    transient_errors: tuple[type[Exception], ...]
+
     def sync_devices(self, records: Iterable[DeviceRecord]) -> None: ...
 
     def issue_nonce(self, device_id: str, nonce: bytes, expires: float) -> None: ...
@@ -87,6 +91,17 @@ class StateStore(Protocol):
         ...
 
     def result(self, device_id: str) -> StoredResult | None: ...
+
+    def record_command(self, device_id: str, nonce: bytes, issued_at: float) -> None:
+        """The revoke command now outstanding for the device (it replaces any earlier one)."""
+        ...
+
+    def confirm_command(self, device_id: str, nonce: bytes) -> float | None:
+        """Its issue time if a command with this nonce was outstanding (it no longer is), else
+        None: a device can confirm only a command it was sent, and only once."""
+        ...
+
+    def forget_command(self, device_id: str) -> None: ...
 
     def set_online(self, device_id: str, online: bool, at: float) -> None: ...
 

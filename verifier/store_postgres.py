@@ -23,6 +23,7 @@ def is_postgres_url(value: str) -> bool:
 
 class PostgresStore(SqlStore):
     dialect = POSTGRES
+    transient_errors: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 
     def __init__(self, url: str, schema: str = "strongroom") -> None:
         if not _SCHEMA_NAME.fullmatch(schema):

@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS results (
     token {self.blob} NOT NULL,
     at {self.real} NOT NULL
 );
+-- the last revoke command sent to each device, until the device confirms it
+CREATE TABLE IF NOT EXISTS commands (
+    device_id TEXT PRIMARY KEY,
+    nonce {self.blob} NOT NULL,
+    issued_at {self.real} NOT NULL
+);
 """
 
 
@@ -373,6 +379,30 @@ class SqlStore:
             "token = excluded.token, at = excluded.at",
             params,
         )
+
+    def record_command(self, device_id: str, nonce: bytes, issued_at: float) -> None:
+        """The revoke command now outstanding for the device (it replaces any earlier one)."""
+        with self._transaction():
+            self._q(
+                "INSERT INTO commands (device_id, nonce, issued_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET nonce = excluded.nonce, "
+                "issued_at = excluded.issued_at",
+                (device_id, nonce, issued_at),
+            )
+
+    def confirm_command(self, device_id: str, nonce: bytes) -> float | None:
+        """When the outstanding command with this nonce was issued, and it is confirmed (so no
+        longer outstanding); None if the device has no such command outstanding."""
+        with self._transaction():
+            row = self._q(
+                "DELETE FROM commands WHERE device_id = ? AND nonce = ? RETURNING issued_at",
+                (device_id, nonce),
+            ).fetchall()
+        return float(row[0][0]) if row else None
+
+    def forget_command(self, device_id: str) -> None:
+        with self._transaction():
+            self._q("DELETE FROM commands WHERE device_id = ?", (device_id,))
 
     def result(self, device_id: str) -> StoredResult | None:
         row = self._q(

@@ -14,6 +14,7 @@ from verifier.store_sql import SQLITE, SqlStore
 
 class SqliteStore(SqlStore):
     dialect = SQLITE
+    transient_errors: tuple[type[Exception], ...] = (sqlite3.OperationalError,)
 
     def __init__(self, path: Path) -> None:
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None)

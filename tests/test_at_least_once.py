@@ -1,0 +1,138 @@
+"""At-least-once, end to end: the verifier acknowledges evidence only once what it decided is
+committed, so killing it (SIGKILL) at any point of a backlog drain loses nothing. Real Mosquitto
+with the generated config, the verifier as a process, real evidence; the kill points are drawn
+from a seeded generator, and the assertions hold wherever they fall."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.enclave_source import write_enclave_source
+from device_sim.inline import InlineEnclave, image_identity
+from provisioning.build import build_enclave
+from provisioning.enroll import enroll_device
+from provisioning.home import FleetHome, init_home
+from strongroom import topics
+from tests.fleet import (
+    Broker,
+    Observer,
+    Proc,
+    bundle_client,
+    cli,
+    free_port,
+    require_mosquitto,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+DEVICES = 4
+PER_DEVICE = 250
+KILLS = 8
+
+
+def _accepted(db: Path) -> dict[str, tuple[int, int]]:
+    """Per device: evidence accepted, highest sequence number (read beside the running verifier)."""
+    if not db.exists():
+        return {}
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+        try:
+            rows = conn.execute("SELECT device_id, accepted, last_seq FROM devices").fetchall()
+        except sqlite3.OperationalError:  # not created yet
+            return {}
+    return {d: (int(a), int(s)) for d, a, s in rows}
+
+
+def _total(db: Path) -> int:
+    return sum(a for a, _s in _accepted(db).values())
+
+
+def _fleet(root: Path) -> tuple[FleetHome, dict[str, Path], dict[str, list[bytes]]]:
+    home = init_home(root / "home")
+    write_enclave_source(root / "src", home.verify_key("artifact"), home.result_verify_key())
+    build_enclave(home, root / "src", root / "enclave.img", svn=1)
+    identity = image_identity((root / "enclave.img").read_bytes())
+    bundles, evidence = {}, {}
+    for i in range(DEVICES):
+        device_id = f"cam-{i}"
+        bundles[device_id] = root / device_id
+        enroll_device(home, device_id, bundles[device_id])
+        enclave = InlineEnclave.load(bundles[device_id], identity)
+        evidence[device_id] = [enclave.evidence() for _ in range(PER_DEVICE)]
+    return home, bundles, evidence
+
+
+def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_twice(
+    tmp_path: Path,
+) -> None:
+    require_mosquitto()
+    home, bundles, evidence = _fleet(tmp_path)
+    broker = Broker(home, free_port(), tmp_path)
+    broker.start()
+    db = tmp_path / "state.sqlite"
+    argv = cli("verifier", "run", "--home", str(home.root), "--broker", broker.url, "--db", str(db))
+    logs = tmp_path / "verifier.log"
+    try:
+        # its persistent session and subscriptions exist once it has accepted a first evidence
+        verifier = Proc(argv, logs)
+        first = bundle_client(broker.port, bundles["cam-0"], "cam-0")
+        first.wait_connected(10)
+
+        def subscribed() -> bool:  # published again until the subscription is in place
+            first.publish(topics.device_topic("cam-0", topics.EVIDENCE), evidence["cam-0"][0])
+            deadline = time.monotonic() + 2
+            while time.monotonic() < deadline:
+                if _total(db) >= 1:
+                    return True
+                time.sleep(0.05)
+            return False
+
+        wait_until(subscribed, 30, "the verifier to subscribe")
+        first.stop()
+        assert verifier.stop() == 0
+        total = DEVICES * PER_DEVICE
+        for device_id, tokens in evidence.items():  # the backlog, while the verifier is away
+            client = bundle_client(broker.port, bundles[device_id], device_id)
+            client.wait_connected(10)
+            for token in tokens[1:] if device_id == "cam-0" else tokens:
+                client.publish(topics.device_topic(device_id, topics.EVIDENCE), token)
+            client.stop()
+
+        rng = random.Random(13)
+        mid_drain = 0
+        for _kill in range(KILLS):
+            before = _total(db)
+            target = min(total, before + rng.randint(1, total // KILLS))
+            verifier = Proc(argv, logs)
+            wait_until(lambda t=target: _total(db) >= t, 45, f"{target} evidence accepted")
+            verifier.p.kill()  # SIGKILL: no clean-up, whatever it was doing
+            verifier.stop()
+            mid_drain += _total(db) < total
+        assert mid_drain >= KILLS // 2, "the kills should mostly fall inside the drain"
+
+        verifier = Proc(argv, logs)
+        wait_until(lambda: _total(db) >= total, 60, "the whole backlog accepted")
+        observer = Observer(home, broker.port).start()
+        try:
+            for device_id in bundles:  # every retained result names the device's last evidence
+                wait_until(
+                    lambda d=device_id: any(
+                        r.details.get("seq") == PER_DEVICE for r in observer.results(d)
+                    ),
+                    20,
+                    f"the last result of {device_id}",
+                )
+        finally:
+            observer.stop()
+        assert verifier.stop() == 0
+        accepted = _accepted(db)
+        assert accepted == {d: (PER_DEVICE, PER_DEVICE) for d in bundles}  # each seq once, all
+        assert "internal error" not in verifier.log()
+    finally:
+        broker.stop()

@@ -1,0 +1,217 @@
+"""The verifier against a hostile device: absurd but validly signed tokens, retained copies of
+what must not be retained, floods of status messages, confirmations of revocations never sent,
+and faults of its own store and broker. The MQTT adapter is the in-memory recorder (our own seam);
+tokens, signatures and the SQLite store are real."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from typing import Any
+
+import cbor2
+import pytest
+
+from strongroom import cose, messages, topics
+from strongroom.bundle import ATTESTATION_KEY_FILE
+from strongroom.commands import verify_command
+from strongroom.evidence import IAT, SR_SEQ, parse_evidence
+from strongroom.mqtt import Inbound
+from strongroom.signing import SigningKey
+from tests.verifier_rig import Rig
+from verifier.audit import AuditLog
+from verifier.operator import audit_path
+
+
+def _resigned(rig: Rig, device_id: str, **changes: Any) -> bytes:
+    """A genuine evidence of the device with claims changed, signed again with the device's own
+    attestation key: what anyone holding the device's bundle can make."""
+    key = SigningKey.from_pem((rig.bundle(device_id) / ATTESTATION_KEY_FILE).read_bytes())
+    token = rig.evidence(device_id).payload
+    claims = dict(cose.verify(parse_evidence(token), key.verify_key, "evidence"))
+    names = {"iat": IAT, "seq": SR_SEQ}
+    for name, value in changes.items():
+        claims[names[name]] = value
+    return cose.sign(claims, key, device_id.encode())
+
+
+def _evidence(device_id: str, token: bytes, *, retain: bool = False) -> Inbound:
+    return Inbound(topics.device_topic(device_id, topics.EVIDENCE), token, retain)
+
+
+def _status(device_id: str, status: messages.Status, *, retain: bool = False) -> Inbound:
+    return Inbound(topics.device_topic(device_id, topics.STATUS), status.encode(), retain)
+
+
+def _alerts(rig: Rig) -> list[messages.Alert]:
+    return [messages.Alert.decode(p) for p, _r in rig.mqtt.on(topics.ALERTS)]
+
+
+def _audit_events(rig: Rig, event: str) -> list[dict[str, Any]]:
+    return [e for e in AuditLog(audit_path(rig.home)).entries() if e["event"] == event]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"iat": math.inf}, {"seq": 2**64 + 7}, {"seq": -1}, {"iat": math.nan}, {"seq": "7"}],
+    ids=["iat-inf", "seq-2^64+7", "seq-negative", "iat-nan", "seq-text"],
+)
+def test_a_validly_signed_absurd_token_is_rejected_and_the_verifier_goes_on(
+    rig: Rig, changes: dict[str, Any]
+) -> None:
+    poison = _evidence("cam-a", _resigned(rig, "cam-a", **changes))
+    good = rig.evidence("cam-b")
+    rig.verifier.handle_batch([poison, good])
+    assert rig.mqtt.results(rig.home) == [("cam-b", 1)]  # the good one in the same batch
+    assert rig.verifier.counts["rejected"] == 1
+    assert [a.device_id for a in _alerts(rig)] == ["cam-a"]
+    assert rig.store.last_seq("cam-a") == 0  # nothing recorded for the poison
+    rig.verifier.handle_batch([rig.evidence("cam-a")])  # and the device's next evidence counts
+    assert rig.mqtt.results(rig.home)[-1][0] == "cam-a"
+
+
+def test_a_defect_met_by_one_message_rejects_that_message_alone(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import verifier.service  # noqa: PLC0415 - the module whose pure appraisal is replaced
+
+    real = verifier.service.appraise
+
+    def appraise(ev: Any, policy: Any, record: Any) -> Any:
+        if ev.device_id == "cam-a":
+            raise ZeroDivisionError("a defect in appraisal")
+        return real(ev, policy, record)
+
+    monkeypatch.setattr(verifier.service, "appraise", appraise)
+    batch = [rig.evidence("cam-a"), rig.evidence("cam-b"), rig.evidence("cam-b")]
+    rig.verifier.handle_batch(batch)
+    assert rig.mqtt.results(rig.home) == [("cam-b", 1), ("cam-b", 2)]
+    assert rig.verifier.counts["internal_errors"] == 1
+    (alert,) = _alerts(rig)
+    assert alert.device_id == "cam-a"
+    assert "internal error (ZeroDivisionError)" in alert.reason
+
+
+def test_retained_evidence_is_ignored_and_cleared(rig: Rig) -> None:
+    topic = topics.device_topic("cam-a", topics.EVIDENCE)
+    rig.verifier.handle_batch([_evidence("cam-a", rig.evidence("cam-a").payload, retain=True)])
+    assert rig.mqtt.results(rig.home) == []
+    assert rig.store.last_seq("cam-a") == 0
+    assert (topic, b"", True) in rig.mqtt.published  # cleared from the broker's store
+    assert rig.verifier.counts["retained_cleared"] == 1
+    rig.verifier.handle_batch([_evidence("cam-a", b"", retain=True)])  # the cleared copy
+    assert rig.verifier.counts["retained_cleared"] == 1
+    request = messages.KeyRequest(rig.evidence("cam-a").payload, ("k1",)).encode()
+    retained_request = Inbound(topics.device_topic("cam-a", topics.KEYS_REQUEST), request, True)
+    rig.verifier.handle_batch([retained_request])
+    assert rig.mqtt.on(topics.KEYS_RESPONSE) == []
+    assert rig.verifier.counts["retained_cleared"] == 2
+
+
+def test_a_burst_of_online_status_issues_a_bounded_number_of_challenges(rig: Rig) -> None:
+    online = _status("cam-a", messages.Status("online", 1.0))
+    rig.verifier.handle_batch([online] * 500)
+    limit = rig.verifier.config.limits.status.burst
+    challenges = rig.mqtt.on(topics.CHALLENGE)
+    assert 1 <= len(challenges) <= limit
+    with sqlite3.connect(rig.root / "state.sqlite") as db:
+        (nonces,) = db.execute("SELECT count(*) FROM nonces WHERE device_id = 'cam-a'").fetchone()
+    assert nonces == len(challenges)
+    flooding = [a for a in _alerts(rig) if "flooding" in a.reason]
+    assert len(flooding) == 1
+    assert rig.verifier.counts["status_suppressed"] == 500 - len(challenges)
+
+
+def test_a_device_cannot_confirm_a_revocation_it_was_never_sent(rig: Rig) -> None:
+    forged = messages.Status("revoked", 1.0, command=b"n" * 16)
+    rig.verifier.handle_batch([_status("cam-a", forged)] * 100)
+    assert _audit_events(rig, "revocation_confirmed") == []
+    assert rig.verifier.devices["cam-a"].status == "active"
+    assert len(_alerts(rig)) <= rig.verifier.config.limits.alerts.burst + 1
+
+
+def test_a_revocation_is_confirmed_once_with_the_nonce_of_its_command(rig: Rig) -> None:
+    rig.verifier.revoke("cam-a", "test")
+    ((signed, retained),) = rig.mqtt.on(topics.COMMAND)
+    assert retained
+    command = verify_command(signed, rig.home.result_verify_key())
+    wrong = messages.Status("revoked", 2.0, command=b"x" * 16)
+    rig.verifier.handle_batch([_status("cam-a", wrong)])
+    assert _audit_events(rig, "revocation_confirmed") == []
+    confirm = messages.Status("revoked", 2.0, command=command.nonce)
+    rig.verifier.handle_batch([_status("cam-a", confirm)])
+    (entry,) = _audit_events(rig, "revocation_confirmed")
+    assert entry["device"] == "cam-a"
+    rejected = rig.verifier.counts["rejected"]
+    rig.verifier.handle_batch([_status("cam-a", confirm)])  # again, live: rejected
+    assert rig.verifier.counts["rejected"] == rejected + 1
+    rig.verifier.handle_batch([_status("cam-a", confirm, retain=True)])  # the broker's copy
+    assert rig.verifier.counts["rejected"] == rejected + 1
+    assert len(_audit_events(rig, "revocation_confirmed")) == 1
+
+
+def test_evidence_of_a_revoked_device_does_not_resend_its_command(rig: Rig) -> None:
+    rig.verifier.revoke("cam-a", "test")
+    rig.verifier.handle_batch([rig.evidence("cam-a") for _ in range(5)])
+    assert len(rig.mqtt.on(topics.COMMAND)) == 1  # the retained command stands
+
+
+def test_a_failed_key_response_publish_is_not_held_against_the_device(rig: Rig) -> None:
+    rig.verifier.handle_batch([_status("cam-a", messages.Status("online", 1.0))])
+    (challenge_payload, _r) = rig.mqtt.on(topics.CHALLENGE)[0]
+    nonce = messages.Challenge.decode(challenge_payload).nonce
+    request = messages.KeyRequest(rig.evidence("cam-a", nonce).payload, ("nosuchkey",)).encode()
+    rig.mqtt.fail_on = topics.KEYS_RESPONSE
+    rig.verifier.handle_batch(
+        [Inbound(topics.device_topic("cam-a", topics.KEYS_REQUEST), request, False)]
+    )
+    assert rig.verifier.counts.get("rejected", 0) == 0
+    assert _alerts(rig) == []
+
+
+class _FailingStore:
+    """The real store, whose batch commits fail `failures` times first (a locked database)."""
+
+    def __init__(self, store: Any, failures: int) -> None:
+        self._store, self.failures = store, failures
+        self.transient_errors = store.transient_errors
+
+    def accept_batch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return self._store.accept_batch(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+def test_a_batch_the_store_cannot_commit_is_not_acknowledged_and_is_tried_again(rig: Rig) -> None:
+    rig.verifier.store = _FailingStore(rig.store, failures=1)  # type: ignore[assignment]
+    batch = [rig.evidence("cam-a"), rig.evidence("cam-b")]
+    assert not rig.verifier.commit(batch)
+    assert rig.mqtt.acked == []
+    assert rig.mqtt.results(rig.home) == []
+    assert rig.verifier.commit(batch)
+    assert rig.mqtt.acked == batch
+    assert rig.mqtt.results(rig.home) == [("cam-a", 1), ("cam-b", 1)]
+
+
+def test_a_redelivered_last_evidence_publishes_its_stored_result_again(rig: Rig) -> None:
+    ev = rig.evidence("cam-a")
+    rig.verifier.handle_batch([ev])
+    rig.mqtt.published.clear()  # as if the result never left before a crash
+    rig.verifier.handle_batch([ev])
+    assert rig.mqtt.results(rig.home) == [("cam-a", 1)]
+    assert rig.verifier.counts["duplicates"] == 1
+    assert rig.verifier.counts["appraised_affirming"] == 1
+
+
+def test_a_retained_poison_cannot_be_handed_to_the_verifier_at_every_start(rig: Rig) -> None:
+    poison = _resigned(rig, "cam-a", iat=math.inf)
+    for _start in range(3):  # each start, the broker hands its retained copy over
+        rig.verifier.handle_batch([_evidence("cam-a", poison, retain=True)])
+    assert rig.verifier.counts.get("rejected", 0) == 0
+    cleared = [p for p, r in rig.mqtt.on(topics.EVIDENCE) if r]
+    assert cleared == [b"", b"", b""]
+    assert cbor2.loads(rig.mqtt.on(topics.ALERTS)[0][0])["device"] == "cam-a"
