@@ -215,3 +215,15 @@ def test_a_retained_poison_cannot_be_handed_to_the_verifier_at_every_start(rig: 
     cleared = [p for p, r in rig.mqtt.on(topics.EVIDENCE) if r]
     assert cleared == [b"", b"", b""]
     assert cbor2.loads(rig.mqtt.on(topics.ALERTS)[0][0])["device"] == "cam-a"
+
+
+def test_the_metrics_count_what_a_flooding_device_had_dropped(rig: Rig) -> None:
+    from prometheus_client import generate_latest  # noqa: PLC0415 - a fleet extra
+
+    online = _status("cam-a", messages.Status("online", 1.0))
+    rig.verifier.handle_batch([online] * 30)
+    rig.verifier.handle_batch([_evidence("cam-b", rig.evidence("cam-b").payload, retain=True)])
+    text = generate_latest(rig.verifier.metrics.registry).decode()
+    limit = int(rig.verifier.config.limits.status.burst)
+    assert f'strongroom_rate_limited_total{{kind="status"}} {30 - limit}.0' in text
+    assert "strongroom_retained_cleared_total 1.0" in text

@@ -28,6 +28,22 @@ COUNTERS = (
     ("strongroom_revocations", "Revocations sent (automatic and by operators)", "revocations"),
     ("strongroom_messages_rejected", "Messages rejected (malformed, forged, replayed)", "rejected"),
     ("strongroom_challenges_sent", "Challenges sent", "challenges"),
+    (
+        "strongroom_internal_errors",
+        "Messages whose handling met a defect (rejected)",
+        "internal_errors",
+    ),
+    (
+        "strongroom_retained_cleared",
+        "Retained evidence or key requests ignored and cleared",
+        "retained_cleared",
+    ),
+)
+# what was dropped because a device exceeded its rate limit: label value, the verifier's count
+SUPPRESSED = (
+    ("status", "status_suppressed"),
+    ("challenges", "challenges_suppressed"),
+    ("alerts", "alerts_suppressed"),
 )
 
 
@@ -53,6 +69,14 @@ class VerifierMetrics(Collector):
         for status in TIERS:
             appraisals.add_metric([status], counts.get(f"appraised_{status}", 0))
         yield appraisals
+        suppressed = CounterMetricFamily(
+            "strongroom_rate_limited",
+            "Work a device triggered over its rate limit, dropped",
+            labels=["kind"],
+        )
+        for kind, key in SUPPRESSED:
+            suppressed.add_metric([kind], counts.get(key, 0))
+        yield suppressed
         yield GaugeMetricFamily(
             "strongroom_inbox_depth",
             "Messages waiting in the verifier's inbox",
