@@ -24,7 +24,7 @@ from device_sim import scenarios as sc
 from device_sim.device import DeviceReport, DeviceSpec, VirtualDevice, _tls_files
 from device_sim.kit import Kit, enroll, load_kit, open_kit, plan_fleet
 from device_sim.ports import free_port, wait_listening
-from device_sim.scorecard import FleetLog, scorecard, table
+from device_sim.scorecard import FleetLog, offline_needs_s, scorecard, table
 from provisioning.broker import find_mosquitto, write_broker_config
 from strongroom import messages, topics
 from strongroom.ear import verify_result
@@ -301,6 +301,15 @@ def run(config: SimConfig, out: Any = None) -> int:
         notes.append("broker-restart skipped: the broker is not the simulator's (--broker)")
     kit = open_kit(config.home, interval_s=config.interval_s, grace_s=config.grace_s)
     policy = kit.home.load_policy()
+    needs = offline_needs_s(policy.attestation_interval_s, policy.offline_grace_s)
+    if "offline" in names and config.duration_s < needs:
+        notes.append(
+            f"offline needs a run of about {needs:.0f} s at interval "
+            f"{policy.attestation_interval_s} s and grace {policy.offline_grace_s} s: "
+            "a shorter one scores it skipped"
+        )
+    for note in notes:
+        print(f"note: {note}", file=out)
     plan = plan_fleet(sc.shares(config.devices, names))
     enroll(kit, plan)
     logdir = kit.root / "logs"

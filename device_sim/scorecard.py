@@ -58,7 +58,7 @@ def judge(r: DeviceReport, log: FleetLog) -> tuple[str, float | None]:  # noqa: 
     if rejected and r.attack_at is not None:
         return sc.REJECTED, rejected[0]
     if r.scenario == "offline":
-        return _offline(r, results)
+        return _offline(r, results, log.ended_at)
     if r.scenario == "broker-restart":
         at = log.broker_restarted_at
         if at is None:
@@ -71,18 +71,24 @@ def judge(r: DeviceReport, log: FleetLog) -> tuple[str, float | None]:  # noqa: 
     return "none", None
 
 
-def _offline(r: DeviceReport, results: list[tuple[float, str, str]]) -> tuple[str, float | None]:
-    verdict, seen_at, _why = _offline_judged(r, results)
+def _offline(
+    r: DeviceReport, results: list[tuple[float, str, str]], ended_at: float
+) -> tuple[str, float | None]:
+    verdict, seen_at, _why = _offline_judged(r, results, ended_at)
     return verdict, seen_at
 
 
 def _offline_judged(
-    r: DeviceReport, results: list[tuple[float, str, str]]
+    r: DeviceReport, results: list[tuple[float, str, str]], ended_at: float
 ) -> tuple[str, float | None, str]:
-    """The offline scenario's verdict, when it was seen, and what was missing if anything."""
+    """The offline scenario's verdict, when it was seen, and what was missing if anything. A run
+    that ends before the device is back from its second time away is too short to tell
+    (`offline_needs_s`): skipped, not a failure of the fleet's."""
     if len(r.offline) < 2:
-        return sc.NOT_RECOVERED, None, f"away {len(r.offline)} of 2 times before the run ended"
+        return sc.SKIPPED, None, f"the run ended before its second time away ({len(r.offline)})"
     (short_from, short_to), (long_from, long_to) = r.offline[0], r.offline[1]
+    if long_to >= ended_at:
+        return sc.SKIPPED, None, "the run ended while it was away beyond the grace"
     stale = [t for t, s, why in results if s == "none" and "stale" in why]
     stale_early = any(short_from <= t <= short_to + 0.5 for t in stale)
     stale_late = [t for t in stale if long_from <= t <= long_to + 1.0]
@@ -102,7 +108,7 @@ def why_observed(r: DeviceReport, log: FleetLog) -> str:
     results = sorted(log.results.get(r.device_id, []))
     missing = ""
     if r.scenario == "offline":
-        missing = _offline_judged(r, results)[2]
+        missing = _offline_judged(r, results, log.ended_at)[2]
     elif r.scenario == "broker-restart" and log.broker_restarted_at is not None:
         missing = _restart_missing(results, log.broker_restarted_at)
     if missing:
@@ -115,6 +121,13 @@ def why_observed(r: DeviceReport, log: FleetLog) -> str:
         return "no result"
     _t, status, why = results[-1]
     return f"last result {status}" + (f": {why}" if why else "")
+
+
+def offline_needs_s(interval_s: float, grace_s: float) -> float:
+    """About how long a run must last for the offline scenario to be scored: online two
+    intervals, away half the grace, online two intervals, away until stale (silent past the
+    interval and grace, found at the verifier's next check, an interval at most), back."""
+    return 2 * interval_s + grace_s / 2 + 2 * interval_s + (2 * interval_s + grace_s) + 5
 
 
 def _restart_missing(results: list[tuple[float, str, str]], at: float) -> str:

@@ -17,7 +17,14 @@ from device_sim.device import MAX_ERRORS, DeviceReport, DeviceSpec, VirtualDevic
 from device_sim.kit import Kit, enroll, open_kit
 from device_sim.runner import Services, _observe
 from device_sim.scenarios import SCENARIOS
-from device_sim.scorecard import FleetLog, judge, scorecard, table, why_observed
+from device_sim.scorecard import (
+    FleetLog,
+    judge,
+    offline_needs_s,
+    scorecard,
+    table,
+    why_observed,
+)
 from strongroom.cli import main
 from tests.fleet import require_mosquitto
 
@@ -190,6 +197,23 @@ def test_a_recovered_offline_device_lists_no_mismatch() -> None:
     card = scorecard([offline_report()], log, {})
     assert card["mismatched_devices"] == [] and card["passed"]
     assert "last errors" not in table(card)
+
+
+@pytest.mark.parametrize(
+    "offline",
+    [
+        pytest.param([(110.0, 111.0)], id="stopped-before-its-second-time-away"),
+        pytest.param([(110.0, 111.0), (130.0, 200.1)], id="stopped-while-away"),
+    ],
+)
+def test_a_run_too_short_for_the_offline_scenario_skips_it(
+    offline: list[tuple[float, float]],
+) -> None:
+    log = FleetLog(started_at=100.0, ended_at=200.0)
+    card = scorecard([offline_report(offline=offline)], log, {})
+    assert card["scenarios"]["offline"]["observed"] == {sc.SKIPPED: 1}
+    assert card["mismatched_devices"] == []
+    assert offline_needs_s(30, 5) > 100  # such a run at the default policy, say
 
 
 def test_a_retained_result_received_again_after_a_reconnect_is_not_its_latency() -> None:
