@@ -1,7 +1,8 @@
 """The enclave loader: the first and only code of the enclave process not taken from the image.
 
-Started by the platform as `python -I -B -m agent.bootstrap PLATFORM_FD HOST_FD` with a scrubbed
-environment and no other descriptors. It hardens the process, receives the measured image content
+Started for the platform (by the platform itself, or by the privileged launcher as the enclave's
+user) as `python -I -B -m agent.bootstrap PLATFORM_FD HOST_FD` with a scrubbed environment and no
+other descriptors. It hardens the process, receives the measured image content
 from the platform, makes the image's modules importable from memory (taking precedence over any
 installed copy of the same packages, whose modules it drops), and runs the image's `__main__.py`.
 This plays the part of the hardware's enclave loader (SGX's ECREATE/EADD/EINIT).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from agent.daemon import AgentConfig, AgentDaemon
 from agent.devkeys import dev_wrapped_key
 from agent.enclave_source import write_enclave_source
 from agent.host import EnclaveHost, HostConfig, read_bundle_info
+from agent.launcher import Launcher
 from agent.local_api import call
+from agent.privsep import DeviceUsers, separate
 from provisioning.home import open_home
 from strongroom.errors import InputError
 from strongroom.fsutil import make_private_dir
@@ -45,19 +48,46 @@ def _json_input(text: str) -> object:
         raise InputError(f"INPUT is not valid JSON: {e.msg}") from e
 
 
+def _separation(args: argparse.Namespace, state: Path) -> Launcher | None:
+    """As root (and unless told not to): the launcher that runs the platform and the enclave
+    under users of their own, this process having become the agent's user. Otherwise None:
+    everything runs as the current user, and production images are refused unless
+    --no-privilege-separation accepts that."""
+    if args.no_privilege_separation:
+        log.warning("privilege_separation_off", reason="--no-privilege-separation")
+        return None
+    if os.geteuid() != 0:
+        return None
+    users = DeviceUsers(args.agent_user, args.platform_user, args.enclave_user)
+    return separate(args.bundle, state, users)
+
+
 def _enclave_run(args: argparse.Namespace) -> int:
     value = _json_input(args.input)
     if args.dev_keys_from and not args.dev:
         raise InputError(
             "--dev-keys-from needs --dev", hint="development keys are never used in production"
         )
-    config = HostConfig(bundle=args.bundle, state_dir=args.state, production=not args.dev)
-    with EnclaveHost(config) as host:
-        info = host.start(args.image)
-        for path in args.artifact:
-            key = dev_wrapped_key(args.dev_keys_from, info, path) if args.dev_keys_from else None
-            host.load_artifact(path, key)
-        result = host.invoke(args.entrypoint, value, timeout=args.timeout)
+    read_bundle_info(args.bundle)  # a clear error for a wrong path before anything changes
+    launcher = _separation(args, args.state)
+    config = HostConfig(
+        bundle=args.bundle,
+        state_dir=args.state,
+        production=not args.dev,
+        separation_required=not args.no_privilege_separation,
+    )
+    try:
+        with EnclaveHost(config, launcher) as host:
+            info = host.start(args.image)
+            for path in args.artifact:
+                key = (
+                    dev_wrapped_key(args.dev_keys_from, info, path) if args.dev_keys_from else None
+                )
+                host.load_artifact(path, key)
+            result = host.invoke(args.entrypoint, value, timeout=args.timeout)
+    finally:
+        if launcher is not None:
+            launcher.close()
     print(json.dumps(result))
     return 0
 
@@ -75,6 +105,7 @@ def _agent_run(args: argparse.Namespace) -> int:
     artifacts = tuple(sorted(artifacts_dir.glob("*.sra"))) if artifacts_dir.is_dir() else ()
     state, socket_path = _agent_paths(args)
     make_private_dir(state)
+    launcher = _separation(args, state)
     config = AgentConfig(
         bundle=args.bundle,
         broker_host=host,
@@ -86,13 +117,18 @@ def _agent_run(args: argparse.Namespace) -> int:
         production=not args.dev,
         attest_interval_s=args.interval,
         mqtt_protocol=mqtt_protocol(args.mqtt),
+        separation_required=not args.no_privilege_separation,
     )
-    daemon = AgentDaemon(config)
+    daemon = AgentDaemon(config, launcher)
     stop = stop_event()
     log.info(
         "agent_starting", device=daemon.device_id, broker=args.broker, artifacts=len(artifacts)
     )
-    daemon.run(stop)
+    try:
+        daemon.run(stop)
+    finally:
+        if launcher is not None:
+            launcher.close()
     return 0
 
 
@@ -101,6 +137,28 @@ def _agent_invoke(args: argparse.Namespace) -> int:
     _state, socket_path = _agent_paths(args)
     print(json.dumps(call(socket_path, args.entrypoint, value, timeout=args.timeout)))
     return 0
+
+
+def _add_separation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-privilege-separation",
+        action="store_true",
+        help="run the platform and the enclave as the agent's own user, whose other processes "
+        "can then read the platform's secrets and trace the enclave (without this, an agent "
+        "started as root runs them under users of their own, and one started as any other "
+        "user refuses production images)",
+    )
+    for role, default in (
+        ("agent", DeviceUsers.agent),
+        ("platform", DeviceUsers.platform),
+        ("enclave", DeviceUsers.enclave),
+    ):
+        p.add_argument(
+            f"--{role}-user",
+            default=default,
+            metavar="NAME",
+            help=f"as root: the {role}'s system user, created if missing (default: {default})",
+        )
 
 
 def register(groups: dict[str, Any]) -> None:
@@ -114,6 +172,7 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--socket", type=Path, help="local API socket (default: STATE/agent.sock)")
     p.add_argument("--interval", type=float, default=300.0, help="seconds between attestations")
     p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
+    _add_separation_options(p)
     add_mqtt_version(p)
     p.set_defaults(handler=_agent_run)
 
@@ -153,4 +212,5 @@ def register(groups: dict[str, Any]) -> None:
         metavar="HOME",
         help="development only: wrap keys from this fleet home (debug enclaves only)",
     )
+    _add_separation_options(p)
     p.set_defaults(handler=_enclave_run)

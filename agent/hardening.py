@@ -1,7 +1,8 @@
 """Process hardening for the platform and enclave processes (Linux; best effort elsewhere).
 
 - not dumpable (`PR_SET_DUMPABLE` 0): no core dumps, and other processes of the same user cannot
-  ptrace it or read `/proc/PID/mem`;
+  ptrace it or read `/proc/PID/mem` from then on. Before this call runs they could: that is why
+  the platform and the enclave run under users of their own (`agent.privsep`);
 - core-dump size limit 0;
 - killed when its parent dies (`PR_SET_PDEATHSIG`), so no orphan holds plaintext;
 - memory locked (`mlockall`) only where the memlock limit is unlimited: with a small limit, locking

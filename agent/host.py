@@ -1,6 +1,11 @@
 """The host: the untrusted part of the agent. It starts the platform, hands it the image, relays
 artifacts, wrapped keys and sealed blobs to the enclave, stores sealed blobs, and asks for
 `invoke`. It never holds platform secrets, data keys or plaintext.
+
+It starts the platform through a `Launcher`: itself, under its own user (`DirectLauncher`), or
+through the privileged launcher that runs the platform and the enclave under users of their own
+(`SeparatedLauncher`, set up by `agent.privsep`). Production images run only in the second case,
+unless the configuration accepts the first (`separation_required=False`).
 """
 
 from __future__ import annotations
@@ -8,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from agent.errors import (
     LaunchError,
     LocalAttestationError,
 )
+from agent.launcher import ChildProcess, DirectLauncher, Launcher, SeparationError
 from agent.report import Report
 from strongroom import artifact, bundle, canonical
 from strongroom.errors import StrongroomError
@@ -52,6 +55,10 @@ class HostConfig:
     production: bool = True
     start_timeout_s: float = 30.0
     invoke_timeout_s: float = 10.0
+    # production images need the platform and enclave under users of their own; False accepts the
+    # agent's own user (--no-privilege-separation: its other processes can then read the
+    # platform's secrets and trace the enclave before it hardens itself)
+    separation_required: bool = True
 
 
 @dataclass(frozen=True)
@@ -81,10 +88,11 @@ def read_bundle_info(bundle_dir: Path) -> bundle.BundleInfo:
 
 
 class EnclaveHost:
-    def __init__(self, config: HostConfig) -> None:
+    def __init__(self, config: HostConfig, launcher: Launcher | None = None) -> None:
         self.config = config
         self.info = read_bundle_info(config.bundle)
-        self._platform_proc: subprocess.Popen[bytes] | None = None
+        self.launcher: Launcher = launcher or DirectLauncher(config.bundle)
+        self._platform_proc: ChildProcess | None = None
         self._platform: Channel | None = None
         self._enclave: Channel | None = None
         self.enclave: EnclaveInfo | None = None
@@ -102,22 +110,29 @@ class EnclaveHost:
                 "debug enclave image refused by the production configuration",
                 hint="build the image without --debug (debug images are for development only)",
             )
+        if (
+            not verified.sigstruct.debug
+            and self.config.separation_required
+            and not self.launcher.separated
+        ):
+            raise SeparationError(
+                "production enclave image refused: without privilege separation the platform and "
+                "the enclave would run as the agent's own user, whose other processes could read "
+                "the platform's secrets and trace the enclave"
+            )
         host_platform, platform_end = socket.socketpair()
         host_enclave, enclave_end = socket.socketpair()
-        self._platform_proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent.platform_main",
-                str(self.config.bundle.absolute()),
-                str(platform_end.fileno()),
-                str(enclave_end.fileno()),
-            ],
-            pass_fds=(platform_end.fileno(), enclave_end.fileno()),
-            stdin=subprocess.DEVNULL,
-        )
-        platform_end.close()
-        enclave_end.close()
+        try:
+            self._platform_proc = self.launcher.start_platform(
+                platform_end.fileno(), enclave_end.fileno()
+            )
+        except BaseException:
+            host_platform.close()
+            host_enclave.close()
+            raise
+        finally:
+            platform_end.close()
+            enclave_end.close()
         self._platform, self._enclave = Channel(host_platform), Channel(host_enclave)
         try:
             self._platform.send({"op": "launch", "size": len(image)})
@@ -282,13 +297,8 @@ class EnclaveHost:
                 self._platform.send({"op": "shutdown"})
             self._platform.close()
             self._platform = None
-        proc = self._platform_proc
-        if proc is not None and proc.poll() is None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+        if self._platform_proc is not None:
+            self._platform_proc.stop(5.0)
         self._platform_proc = None
 
     def __enter__(self) -> EnclaveHost:

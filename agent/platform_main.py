@@ -1,9 +1,14 @@
-"""Entry point of the platform process: `python -m agent.platform_main BUNDLE HOST_FD ENCLAVE_FD`.
+"""Entry point of the platform process:
+`python -m agent.platform_main PLATFORM_DIR HOST_FD ENCLAVE_FD [LAUNCHER_FD]`.
 
-The host starts it with two descriptors: its channel to the platform, and the end of the host's
-channel that the enclave will own. The platform loads its secrets, receives the image from the host,
-verifies and measures it, launches the enclave from the measured bytes, and serves the enclave's
-requests until the host says `shutdown` or goes away; then it stops the enclave.
+It starts with two descriptors: its channel to the host, and the end of the host's channel that the
+enclave will own. Started by the host itself, it starts the enclave itself; started by the
+privileged launcher (as the platform's user, with its directory as `/proc/self/fd/N`), it asks the
+launcher on LAUNCHER_FD to start the enclave as the enclave's user.
+
+The platform loads its secrets, receives the image from the host, verifies and measures it,
+launches the enclave from the measured bytes, and serves the enclave's requests until the host
+says `shutdown` or goes away; then it stops the enclave.
 """
 
 # ruff: noqa: E402 - one statement must run before the imports (see below)
@@ -16,7 +21,6 @@ import sys
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +29,7 @@ import structlog
 
 from agent.channel import Channel, ChannelClosed, ChannelError, check
 from agent.hardening import harden_process
+from agent.launcher import ChildProcess, EnclaveSpawner
 from agent.platform_service import SimulatedPlatform, identity_of, spawn_enclave
 from strongroom import logs
 from strongroom.errors import StrongroomError
@@ -45,20 +50,14 @@ def _receive_image(host: Channel, size: int) -> bytes:
     return bytes(buf)
 
 
-def _stop(proc: subprocess.Popen[bytes] | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=3)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def run(bundle_dir: Path, host: Channel, enclave_host_fd: int) -> int:
-    platform = SimulatedPlatform(bundle_dir)
-    proc: subprocess.Popen[bytes] | None = None
+def run(
+    platform_dir: Path,
+    host: Channel,
+    enclave_host_fd: int,
+    spawner: EnclaveSpawner | None = None,
+) -> int:
+    platform = SimulatedPlatform.from_platform_dir(platform_dir)
+    proc: ChildProcess | None = None
     try:
         while True:
             try:
@@ -78,22 +77,26 @@ def run(bundle_dir: Path, host: Channel, enclave_host_fd: int) -> int:
                 host.send({"op": "error", "reason": str(e)})
                 continue
             identity = identity_of(image)
-            proc, chan = spawn_enclave(image, enclave_host_fd, show_stderr=identity.debug)
+            proc, chan = spawn_enclave(
+                image, enclave_host_fd, show_stderr=identity.debug, spawner=spawner
+            )
             os.close(enclave_host_fd)
             threading.Thread(target=platform.serve, args=(identity, chan), daemon=True).start()
             log.info("enclave_launched", mrenclave=identity.mrenclave, svn=identity.svn)
             host.send({"op": "launched", "pid": proc.pid, **identity.__dict__})
     finally:
-        _stop(proc)
+        if proc is not None:
+            proc.stop(3.0)
 
 
 def main() -> int:
     harden_process()
     logs.configure("warning")
-    bundle_dir, host_fd, enclave_fd = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    platform_dir, host_fd, enclave_fd = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    spawner = EnclaveSpawner(int(sys.argv[4])) if len(sys.argv) > 4 else None
     host = Channel.from_fd(host_fd)
     try:
-        return run(bundle_dir, host, enclave_fd)
+        return run(platform_dir, host, enclave_fd, spawner)
     except StrongroomError as e:
         host.send({"op": "error", "reason": e.diagnostics()})
         return 3

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hmac
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -24,6 +22,7 @@ import structlog
 from agent import platform_keys
 from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
 from agent.errors import LaunchError, PlatformFault
+from agent.launcher import ChildProcess, EnclaveSpawner, spawn_enclave_directly
 from agent.report import (
     PlatformClaims,
     Report,
@@ -101,15 +100,28 @@ class SimulatedPlatform:
     """The platform as loaded from a bundle's `platform/` directory."""
 
     def __init__(self, bundle_dir: Path) -> None:
-        pdir = bundle_dir / bundle.PLATFORM_DIR
+        self._load(bundle_dir / bundle.PLATFORM_DIR)
+
+    @classmethod
+    def from_platform_dir(cls, platform_dir: Path) -> SimulatedPlatform:
+        """The platform from its own directory alone (a separated platform cannot reach the
+        rest of the bundle; it gets this directory as a descriptor, `/proc/self/fd/N`)."""
+        platform = cls.__new__(cls)
+        platform._load(platform_dir)
+        return platform
+
+    def _load(self, pdir: Path) -> None:
+        def path(name: str) -> Path:
+            return pdir / Path(name).relative_to(bundle.PLATFORM_DIR)
+
         try:
-            self._root = read_file(bundle_dir / bundle.ROOT_SECRET_FILE, "platform root secret")
-            profile_doc = read_file(bundle_dir / bundle.PROFILE_FILE, "platform profile")
+            self._root = read_file(path(bundle.ROOT_SECRET_FILE), "platform root secret")
+            profile_doc = read_file(path(bundle.PROFILE_FILE), "platform profile")
             self.profile = bundle.PlatformProfile.from_json_dict(
                 canonical.loads_object(profile_doc, "platform profile")
             )
             self._attestation_key = SigningKey.from_pem(
-                read_file(bundle_dir / bundle.ATTESTATION_KEY_FILE, "attestation key")
+                read_file(path(bundle.ATTESTATION_KEY_FILE), "attestation key")
             )
         except StrongroomError as e:
             raise PlatformFault(f"cannot load the platform: {e}") from e
@@ -241,21 +253,22 @@ class SimulatedPlatform:
 
 
 def spawn_enclave(
-    image: VerifiedImage, host_fd: int, *, show_stderr: bool
-) -> tuple[subprocess.Popen[bytes], Channel]:
-    """Start the enclave process and hand it exactly the content that was measured."""
+    image: VerifiedImage,
+    host_fd: int,
+    *,
+    show_stderr: bool,
+    spawner: EnclaveSpawner | None = None,
+) -> tuple[ChildProcess, Channel]:
+    """Start the enclave process (itself, or through the privileged launcher's `spawner`, which
+    starts it as the enclave's user) and hand it exactly the content that was measured."""
     ours, theirs = socket.socketpair()
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-B", "-m", "agent.bootstrap", str(theirs.fileno()), str(host_fd)],
-        pass_fds=(theirs.fileno(), host_fd),
-        close_fds=True,
-        env={"LC_ALL": "C.UTF-8"},
-        cwd="/",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=None if show_stderr else subprocess.DEVNULL,
-    )
-    theirs.close()
+    try:
+        if spawner is None:
+            proc = spawn_enclave_directly(theirs.fileno(), host_fd, show_stderr=show_stderr)
+        else:
+            proc = spawner.spawn(theirs.fileno(), host_fd, show_stderr=show_stderr)
+    finally:
+        theirs.close()
     chan = Channel(ours)
     content = image.content
     chan.send({"op": "image", "size": len(content)})

@@ -139,6 +139,7 @@ class DeviceEnv:
             state_dir=state_dir,
             production=production,
             invoke_timeout_s=5,
+            separation_required=False,  # the separated mode: tests/test_privilege_separation.py
         )
         return EnclaveHost(config)
 

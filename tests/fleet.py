@@ -317,6 +317,7 @@ class Fleet:
             "--interval",
             str(interval),
             *self.mqtt,
+            "--no-privilege-separation",  # separated agents: tests/test_privilege_separation.py
         )
         if dev:
             argv.append("--dev")

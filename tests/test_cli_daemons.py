@@ -97,6 +97,7 @@ def test_enclave_source_build_and_run_answer_with_a_protected_model(
         str(sealed[0]),
         "--artifact",
         str(sealed[1]),
+        "--no-privilege-separation",  # the separated mode: tests/test_privilege_separation.py
     ]
     first = _run(
         "enclave", "run", "scorer:predict", features, *common, "--dev", "--dev-keys-from", home
