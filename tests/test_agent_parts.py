@@ -18,7 +18,7 @@ from typing import Any
 
 import cbor2
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
@@ -37,9 +37,12 @@ from strongroom.messages import (
 from strongroom.mqtt import parse_broker_url
 from strongroom.retry import Backoff
 
-PROPERTY = settings(max_examples=100, deadline=None)
+# fixed examples (no luck), no per-example deadline and no speed check (a loaded machine)
+PROPERTY = settings(
+    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 # Structured fuzzing looks for specific mistakes; a fixed seed makes its verdict reproducible.
-STRUCTURED = settings(max_examples=100, deadline=None, derandomize=True)
+STRUCTURED = PROPERTY
 
 # -- outbox ---------------------------------------------------------------------------------
 

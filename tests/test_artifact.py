@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from strongroom import artifact, canonical
@@ -38,7 +38,10 @@ CHUNK = 64
 PREFIX = len(MAGIC) + 4  # magic and the u32 header length
 SIGNER = SigningKey.generate()
 OTHER_SIGNER = SigningKey.generate()
-PROPERTY = settings(max_examples=75, deadline=None)
+# fixed examples (no luck), no per-example deadline and no speed check (a loaded machine)
+PROPERTY = settings(
+    max_examples=75, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 @dataclass(frozen=True)

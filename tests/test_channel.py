@@ -46,12 +46,19 @@ from agent.host import EnclaveHost, HostConfig
 from strongroom import artifact
 from tests.enclave_env import CODE_MARKER, DeviceEnv, make_env
 
-PROPERTY = settings(max_examples=75, deadline=None)
+# Every fuzz test here runs a fixed set of examples (derandomized: the same draws every run, no
+# example database) with no per-example deadline, and each example's waits are bounded, so a
+# loaded machine makes a run slower but never fails it, and its worst case is known.
+PROPERTY = settings(
+    max_examples=75, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 LIVE = settings(
     max_examples=40,
     deadline=None,
+    derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+HOST_WAIT_S = 1.0  # the longest the host under test waits for the fake enclave (see below)
 ABSURD = 16  # Channel.recv closes the channel for frames above this many times its cap
 
 # Protected code whose running time the test chooses (for the invoke timer).
@@ -857,11 +864,12 @@ def _read_frame(sock: socket.socket) -> bool:
 class FakeEnclave:
     """Plays the enclave on a socketpair: after each request the host sends, it answers with the
     next scripted reply; after the last one it shuts its side for writing and reads until the host
-    closes. With `hang_up`, it closes its socket entirely right after the last reply."""
+    closes. With `hang_up`, it closes its socket entirely right after the last reply; with
+    `stall`, it keeps its side open and says nothing more (a hung enclave)."""
 
-    def __init__(self, replies: list[bytes], *, hang_up: bool = False) -> None:
+    def __init__(self, replies: list[bytes], *, hang_up: bool = False, stall: bool = False) -> None:
         self.host_end, self._ours = socket.socketpair()
-        self._replies, self._hang_up = replies, hang_up
+        self._replies, self._hang_up, self._stall = replies, hang_up, stall
         self._thread = threading.Thread(target=self._play, daemon=True)
         self._thread.start()
 
@@ -874,7 +882,8 @@ class FakeEnclave:
                 sock.sendall(reply)
             if self._hang_up:
                 return
-            sock.shutdown(socket.SHUT_WR)
+            if not self._stall:
+                sock.shutdown(socket.SHUT_WR)
             while sock.recv(1 << 16):
                 pass
         except OSError:
@@ -894,17 +903,26 @@ def fake_env(tmp_path_factory: pytest.TempPathFactory) -> DeviceEnv:
     return env
 
 
+class BoundedChannel(Channel):
+    """The host's channel to the fake enclave, whose every wait is at most HOST_WAIT_S: the host's
+    own timeouts (10 s for status, 30 s for evidence, invoke's plus a grace) would make each
+    example that waits cost that long. What the host does when a wait runs out is the same."""
+
+    def recv(self, timeout: float | None = None) -> Message:
+        return super().recv(timeout=HOST_WAIT_S if timeout is None else min(timeout, HOST_WAIT_S))
+
+
 def host_with_fake_enclave(env: DeviceEnv, fake: FakeEnclave) -> EnclaveHost:
     host = EnclaveHost(
         HostConfig(
             bundle=env.bundles["dev-a"],
             state_dir=env.root / "state-fake",
             production=False,
-            start_timeout_s=10,
-            invoke_timeout_s=5,
+            start_timeout_s=HOST_WAIT_S,
+            invoke_timeout_s=HOST_WAIT_S,
         )
     )
-    host._enclave = Channel(fake.host_end)
+    host._enclave = BoundedChannel(fake.host_end)
     return host
 
 
@@ -918,7 +936,10 @@ HOST_CALLS: dict[str, HostCall] = {
 
 
 def run_against_fake(env: DeviceEnv, call: str, replies: list[Reply], **kw: bool) -> EnclaveHost:
-    fake = FakeEnclave([reply_bytes(r) for r in replies], **kw)
+    """Run `call` against a fake enclave scripted with `replies`. A truncated reply is the fake's
+    last: it closes its side after it (a hung enclave is `stall`, tested on its own)."""
+    cut = next((i for i, r in enumerate(replies) if isinstance(r, Truncated)), len(replies))
+    fake = FakeEnclave([reply_bytes(r) for r in replies[: cut + 1]], **kw)
     host = host_with_fake_enclave(env, fake)
     try:
         HOST_CALLS[call](host, env)
@@ -950,16 +971,41 @@ host_replies: st.SearchStrategy[Reply] = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None)
+@settings(PROPERTY, max_examples=40)
 @given(
     call=st.sampled_from(sorted(HOST_CALLS)), replies=st.lists(host_replies, min_size=1, max_size=2)
 )
 @example(call="status", replies=[Raw(b"\xff")])
+@example(call="invoke", replies=[Truncated({"op": "result", "json": "1"}, 9), Raw(b"\xff")])
 def test_the_host_raises_only_enclave_errors_whatever_the_enclave_answers(
     fake_env: DeviceEnv, call: str, replies: list[Reply]
 ) -> None:
+    """At most one wait of HOST_WAIT_S per example (the host gives up on the first), and only
+    when a reply leaves the host waiting: 40 examples cannot approach the test's limit."""
     with contextlib.suppress(EnclaveError):
         run_against_fake(fake_env, call, replies)
+
+
+@pytest.mark.parametrize("call", sorted(HOST_CALLS))
+@pytest.mark.parametrize(
+    "replies",
+    [
+        pytest.param([], id="silent"),
+        pytest.param([Truncated({"op": "status", "loaded": []}, 7)], id="half-a-frame"),
+    ],
+)
+def test_a_hung_enclave_gives_enclave_crashed_when_the_host_stops_waiting(
+    fake_env: DeviceEnv, call: str, replies: list[Reply]
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(EnclaveCrashedError, match="in time"):
+        run_against_fake(
+            fake_env,
+            call,
+            [{"op": "send_body"}, *replies] if call == "load" else replies,
+            stall=True,
+        )
+    assert time.monotonic() - started >= HOST_WAIT_S / 2  # it waited: no reply ended the call
 
 
 LEAK = "BUG: EnclaveHost lets a non-Strongroom exception escape"

@@ -9,7 +9,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strongroom import messages, topics
@@ -326,7 +326,9 @@ TOKENS = {
 }
 
 
-@settings(max_examples=60, deadline=None)
+@settings(
+    max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(OPS)
 def test_counts_always_match_the_devices(ops: list[tuple[str, str]]) -> None:
     view = fresh_view()
