@@ -149,7 +149,11 @@ def add_enclave_reference(path: Path, ref: EnclaveReference) -> bool:
 def add_artifact_reference(path: Path, ref: ArtifactReference) -> None:
     """Register a sealed artifact; a name seen for the first time gets its version as floor."""
     policy = parse_policy(_read(path))
-    new_name = ref.name not in policy.artifact_floors
+    _edit(path, artifact_reference_change(ref, ref.name not in policy.artifact_floors))
+
+
+def artifact_reference_change(ref: ArtifactReference, new_name: bool) -> Change:
+    """The edit that registers `ref` (and, for a `new_name`, its version as the name's floor)."""
 
     def change(doc: tomlkit.TOMLDocument) -> None:
         _append_row(
@@ -166,4 +170,4 @@ def add_artifact_reference(path: Path, ref: ArtifactReference) -> None:
                 artifacts["floors"] = floors
             floors[ref.name] = ref.version
 
-    _edit(path, change)
+    return change

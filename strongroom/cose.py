@@ -86,7 +86,11 @@ def _to_be_signed(protected: bytes, payload: bytes) -> bytes:
 
 def sign(claims: dict[int, Any], key: SigningKey, kid: bytes) -> bytes:
     """A COSE_Sign1 over the CBOR encoding of `claims`, signed with `key`."""
-    payload = cbor2.dumps(claims)
+    return sign_payload(cbor2.dumps(claims), key, kid)
+
+
+def sign_payload(payload: bytes, key: SigningKey, kid: bytes) -> bytes:
+    """A COSE_Sign1 over `payload` as it is (the fuzzing harnesses sign arbitrary claims bytes)."""
     signature = key.sign_raw(_to_be_signed(_PROTECTED, payload))
     unprotected = b"\xa1\x04" + bstr(kid)  # map(1) {4: kid}
     return b"".join((_SIGN1_HEAD, bstr(_PROTECTED), unprotected, bstr(payload), bstr(signature)))

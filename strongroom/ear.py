@@ -155,12 +155,13 @@ def sign_result(result: AttestationResult, key: SigningKey) -> bytes:
     return cose.sign(_claims(result), key, VERIFIER_KID.encode())
 
 
-def verify_result(token: bytes, key: VerifyKey) -> AttestationResult:
-    """Check a result's signature with the verifier's public key and parse it."""
+def verify_result(token: bytes, key: VerifyKey, *, now: float | None = None) -> AttestationResult:
+    """Check a result's signature with the verifier's public key and parse it (`exp` and `nbf`
+    checked at `now`, by default the clock); SignatureError or FormatError otherwise."""
     if len(token) > MAX_RESULT:
         raise FormatError("attestation result is too large")
     what = "attestation result"
-    claims = CLAIMS.check(cose.verify(token, key, what), what)
+    claims = CLAIMS.check(cose.verify(token, key, what, now=now), what)
     if len(claims[SUBMODS]) != 1:
         raise FormatError(f"{what} must hold exactly one submodule (the device's)")
     ((device_id, sub),) = claims[SUBMODS].items()

@@ -190,14 +190,17 @@ def evidence_kid(token: bytes | cose.Sign1) -> str:
         raise FormatError("evidence key id is not a device id") from e
 
 
-def verify_evidence(token: bytes | cose.Sign1, key: VerifyKey) -> Evidence:
+def verify_evidence(
+    token: bytes | cose.Sign1, key: VerifyKey, *, now: float | None = None
+) -> Evidence:
     """Check the signature with the device's registered key and parse the claims.
 
     SignatureError for a bad signature; FormatError for anything else wrong, a validly signed
     token with an absurd claim (a `seq` past 64 bits, an infinite time, an integer for bytes...)
-    included: every claim is checked against `CLAIMS` before it is used."""
+    included: every claim is checked against `CLAIMS` before it is used. `now` (default: the
+    clock) is the time at which `exp` and `nbf` are checked."""
     parsed = token if isinstance(token, cose.Sign1) else parse_evidence(token)
-    claims = CLAIMS.check(cose.verify(parsed, key, "evidence"), "evidence")
+    claims = CLAIMS.check(cose.verify(parsed, key, "evidence", now=now), "evidence")
     enclave = claims[SR_ENCLAVE]
     return Evidence(
         device_id=claims[SUB],
