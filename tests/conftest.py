@@ -10,6 +10,7 @@ import pytest
 
 from provisioning.home import FleetHome, init_home
 from strongroom import cli
+from tests.device_venv import device_venv  # noqa: F401 - a session fixture shared by modules
 from tests.enclave_env import DeviceEnv, make_env
 from tests.fleet import Fleet
 from tests.verifier_rig import Rig, make_rig
