@@ -1,13 +1,15 @@
-"""The fleet's X.509 certificate authority (ECDSA P-256) and the certificates it issues.
+"""The fleet's X.509 certificate authority (ECDSA P-256), the certificates it issues and its
+certificate revocation list (CRL).
 
 P-256 because every common broker (Mosquitto, EMQX, VerneMQ, HiveMQ) and TLS stack accepts it.
-Pure: returns keys and certificates as objects and PEM bytes; the caller writes them.
+Pure: returns keys, certificates and CRLs as objects and PEM bytes; the caller writes them.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -15,8 +17,22 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from strongroom.errors import FormatError, SignatureError
+
 CA_DAYS = 3650
 LEAF_DAYS = 825
+CLOCK_SKEW = dt.timedelta(minutes=5)  # backdating, so a peer whose clock is behind accepts it
+
+# CRL reason codes (RFC 5280 section 5.3.1) the fleet uses. A hold can be lifted (the entry is
+# removed on reinstatement); the others are final.
+HOLD = "certificateHold"
+SUPERSEDED = "superseded"
+KEY_COMPROMISE = "keyCompromise"
+_REASONS = {
+    HOLD: x509.ReasonFlags.certificate_hold,
+    SUPERSEDED: x509.ReasonFlags.superseded,
+    KEY_COMPROMISE: x509.ReasonFlags.key_compromise,
+}
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,7 @@ def make_ca(fleet_id: str, now: dt.datetime | None = None) -> Issued:
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
@@ -74,6 +90,13 @@ def make_ca(fleet_id: str, now: dt.datetime | None = None) -> Issued:
     return Issued(_key_pem(key), cert.public_bytes(serialization.Encoding.PEM))
 
 
+def _ca_key(ca: Issued) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise FormatError("the fleet CA key is not an ECDSA key")
+    return key
+
+
 def issue(
     ca: Issued,
     fleet_id: str,
@@ -85,9 +108,8 @@ def issue(
     """Issue a leaf certificate: a TLS server certificate when `server_names` is given, else a
     client certificate whose CN is the MQTT identity."""
     now = now or dt.datetime.now(dt.UTC)
-    ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
+    ca_key = _ca_key(ca)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)  # noqa: S101 - we made it above
     key = ec.generate_private_key(ec.SECP256R1())
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server_names else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
@@ -96,7 +118,7 @@ def issue(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=LEAF_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -118,3 +140,100 @@ def issue(
 
 def cert_fingerprint(cert_pem: bytes) -> str:
     return x509.load_pem_x509_certificate(cert_pem).fingerprint(hashes.SHA256()).hex()
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    serial: int
+    sha256: str
+    not_after: dt.datetime
+
+
+def cert_info(cert_pem: bytes) -> CertInfo:
+    """What a CRL needs to know of a certificate: serial, fingerprint, expiry."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return CertInfo(
+        cert.serial_number, cert.fingerprint(hashes.SHA256()).hex(), cert.not_valid_after_utc
+    )
+
+
+@dataclass(frozen=True)
+class Revoked:
+    """One CRL entry: a certificate's serial number, when and why it was revoked."""
+
+    serial: int
+    revoked_at: dt.datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class Crl:
+    """A verified CRL: its number (increasing with every new list) and its entries."""
+
+    number: int
+    entries: tuple[Revoked, ...]
+
+    def reason(self, serial: int) -> str | None:
+        """Why `serial` is listed, or None if it is not."""
+        return next((e.reason for e in self.entries if e.serial == serial), None)
+
+
+def make_crl(
+    ca: Issued, number: int, entries: Iterable[Revoked], now: dt.datetime | None = None
+) -> bytes:
+    """A CRL signed by the fleet CA, valid until the CA itself expires.
+
+    The validity is long because the CRL is not fetched by strangers: `strongroom broker run`
+    hands each new list to the broker at once, and a broker holding an expired CRL would refuse
+    every client."""
+    now = now or dt.datetime.now(dt.UTC)
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = _ca_key(ca)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - CLOCK_SKEW)
+        .next_update(max(ca_cert.not_valid_after_utc, now + dt.timedelta(days=1)))
+        .add_extension(x509.CRLNumber(number), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    for entry in sorted(entries, key=lambda e: e.serial):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(entry.serial)
+            .revocation_date(entry.revoked_at)
+            .add_extension(x509.CRLReason(_REASONS[entry.reason]), critical=False)
+            .build()
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def read_crl(crl_pem: bytes, ca_cert_pem: bytes) -> Crl:
+    """Parse a CRL and check that the fleet CA signed it; raise FormatError or SignatureError."""
+    try:
+        crl = x509.load_pem_x509_crl(crl_pem)
+    except ValueError as e:
+        raise FormatError("the CRL is not a PEM certificate revocation list") from e
+    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    public_key = ca_cert.public_key()
+    if crl.issuer != ca_cert.subject or not isinstance(public_key, ec.EllipticCurvePublicKey):
+        raise SignatureError("the CRL was not issued by this fleet's CA")
+    if not crl.is_signature_valid(public_key):
+        raise SignatureError("the CRL's signature does not verify under the fleet CA")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound as e:
+        raise FormatError("the CRL has no CRL number") from e
+    names = {flag: name for name, flag in _REASONS.items()}
+    entries = []
+    for revoked in crl:
+        try:
+            flag = revoked.extensions.get_extension_for_class(x509.CRLReason).value.reason
+        except x509.ExtensionNotFound as e:
+            raise FormatError(f"CRL entry {revoked.serial_number:x} has no reason") from e
+        if flag not in names:
+            raise FormatError(f"CRL entry {revoked.serial_number:x} has an unknown reason")
+        entries.append(Revoked(revoked.serial_number, revoked.revocation_date_utc, names[flag]))
+    return Crl(number, tuple(entries))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from provisioning import ca
+from provisioning import ca, crl
 from provisioning.errors import AlreadyEnrolledError
 from provisioning.home import FleetHome
 from provisioning.registry import DeviceRecord, Registry
@@ -36,7 +36,9 @@ def enroll_device(
     """Enroll `device_id`, write its bundle to `out` and register it; return the registry record.
 
     The bundle is built aside and renamed into place only after the registry entry is written,
-    so a failure leaves neither a bundle nor a registration behind.
+    so a failure leaves neither a bundle nor a registration behind. The new certificate is on
+    file before it is handed out; once the enrollment is complete, any certificate it replaced
+    (`force`) is listed in the fleet CRL as superseded, so the old bundle no longer connects.
     """
     check_device_id(device_id)
     parse_firmware(firmware)
@@ -47,6 +49,7 @@ def enroll_device(
 
     attestation_key = SigningKey.generate()
     tls = ca.issue(home.ca_issued(), home.fleet_id, device_id)
+    crl.record_issued(home, device_id, tls.cert_pem)  # revocable, whatever happens next
     profile = bundle.PlatformProfile(device_id, firmware, debug_platform, secure_boot)
     info = bundle.BundleInfo(
         device_id=device_id,
@@ -84,6 +87,7 @@ def enroll_device(
             else:
                 registry.put(previous)
         raise
+    crl.sync_device(home, device_id)
     return record
 
 

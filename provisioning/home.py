@@ -5,6 +5,8 @@ Layout (directories 0700, secrets 0600, certificates and public keys 0644)::
     fleet.json                     marker: format and fleet id
     policy.toml                    human-editable fleet policy
     ca/ca.pem, ca/ca.key           fleet CA (ECDSA P-256)
+    ca/crl.pem                     its certificate revocation list (provisioning/crl.py)
+    ca/issued/<id>/<serial>.pem    the client certificates issued to each device
     broker/server.pem, .key        broker TLS server certificate (localhost)
     verifier/client.pem, .key      verifier MQTT identity (CN "_verifier")
     verifier/result-signing.key    Ed25519 key that signs attestation results (+ .pub)
@@ -73,6 +75,10 @@ class FleetHome:
     @property
     def ca_key(self) -> Path:
         return self.root / "ca" / "ca.key"
+
+    @property
+    def crl_path(self) -> Path:
+        return self.root / "ca" / "crl.pem"
 
     @property
     def registry_dir(self) -> Path:
@@ -206,6 +212,8 @@ def init_home(path: Path, *, force: bool = False) -> FleetHome:
     with staged_dir(path, replace=force) as stage:
         authority = ca.make_ca(fleet_id)
         _write_issued(stage / "ca", "ca", authority)
+        write_atomic(stage / "ca" / "crl.pem", ca.make_crl(authority, 1, ()), PUBLIC_FILE)
+        make_private_dir(stage / "ca" / "issued")
         _write_issued(
             stage / "broker",
             "server",

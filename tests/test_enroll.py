@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from provisioning import ca
+from provisioning import ca, crl
 from provisioning.enroll import enroll_device
 from provisioning.errors import AlreadyEnrolledError
 from provisioning.home import FleetHome, init_home, open_home
@@ -21,8 +23,9 @@ from provisioning.keystore import Keystore
 from provisioning.registry import Registry
 from provisioning.seal import seal_artifact
 from strongroom import bundle
-from strongroom.errors import InputError
+from strongroom.errors import FormatError, InputError, SignatureError
 from strongroom.signing import SigningKey
+from verifier.operator import ACTIVE, REVOKED, set_status
 
 FLEET_SECRET_FILES = [
     "ca/ca.key",
@@ -369,3 +372,129 @@ def test_enrollment_refuses_a_malformed_firmware_version(
     with pytest.raises(InputError, match="invalid firmware"):
         enroll_device(fleet_home, "dev-1", tmp_path / "bundle", firmware=firmware)
     assert not (tmp_path / "bundle").exists()
+
+
+# --- the fleet CRL -------------------------------------------------------------------------------
+
+
+def _serial(bundle_dir: Path) -> int:
+    return ca.cert_info((bundle_dir / bundle.TLS_CERT_FILE).read_bytes()).serial
+
+
+def _listed(home: FleetHome) -> dict[int, str]:
+    return {e.serial: e.reason for e in crl.read_crl(home)[1].entries}
+
+
+def test_a_new_fleet_has_an_empty_crl_signed_by_its_ca(fleet_home: FleetHome) -> None:
+    pem, listed = crl.read_crl(fleet_home)
+    assert listed.entries == () and listed.number == 1
+    parsed = x509.load_pem_x509_crl(pem)
+    ca_cert = x509.load_pem_x509_certificate(fleet_home.ca_cert.read_bytes())
+    assert parsed.issuer == ca_cert.subject
+    assert parsed.is_signature_valid(ca_cert.public_key())  # type: ignore[arg-type]
+    assert mode(fleet_home.crl_path) == 0o644
+
+
+def test_re_enrolling_lists_the_replaced_certificate_as_superseded(
+    fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    old = enroll(fleet_home, tmp_path, "dev-1")
+    other = enroll(fleet_home, tmp_path, "dev-2")
+    assert _listed(fleet_home) == {}  # enrolling a new device lists nothing
+
+    new = tmp_path / "new-bundle"
+    enroll_device(fleet_home, "dev-1", new, force=True)
+
+    assert _listed(fleet_home) == {_serial(old): ca.SUPERSEDED}
+    assert _serial(new) not in _listed(fleet_home) and _serial(other) not in _listed(fleet_home)
+    assert crl.read_crl(fleet_home)[1].number == 2
+
+
+def test_revoking_holds_the_current_certificate_and_reinstating_lifts_only_the_hold(
+    fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    first = enroll(fleet_home, tmp_path, "dev-1")
+    current = tmp_path / "current"
+    enroll_device(fleet_home, "dev-1", current, force=True)
+
+    set_status(fleet_home, "dev-1", REVOKED, reason="lost", by="operator")
+    assert _listed(fleet_home) == {_serial(first): ca.SUPERSEDED, _serial(current): ca.HOLD}
+
+    set_status(fleet_home, "dev-1", ACTIVE, reason="", by="operator")
+    assert _listed(fleet_home) == {_serial(first): ca.SUPERSEDED}  # replaced stays replaced
+
+    enroll_device(fleet_home, "dev-1", tmp_path / "third", force=True)  # a held one is final
+    set_status(fleet_home, "dev-1", REVOKED, reason="lost", by="operator")
+    enroll_device(fleet_home, "dev-1", tmp_path / "fourth", force=True)
+    assert _listed(fleet_home)[_serial(tmp_path / "third")] == ca.SUPERSEDED
+
+
+def test_repeating_a_revocation_repairs_a_crl_that_missed_it(
+    fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    device = enroll(fleet_home, tmp_path, "dev-1")
+    registry = Registry(fleet_home.registry_dir)  # revoked without the CRL (an older version,
+    registry.put(dataclasses.replace(registry.get("dev-1"), status=REVOKED))  # a crash)
+
+    outcome = set_status(fleet_home, "dev-1", REVOKED, reason="lost", by="operator")
+
+    assert not outcome.changed
+    assert _listed(fleet_home) == {_serial(device): ca.HOLD}
+    assert crl.sync_device(fleet_home, "dev-1") is False  # in line: nothing rewritten
+
+
+def test_a_failed_enrollment_leaves_its_certificate_revocable(
+    fleet_home: FleetHome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = enroll(fleet_home, tmp_path, "dev-1")
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("provisioning.enroll._write_bundle", fail)
+    with pytest.raises(OSError, match="disk full"):
+        enroll_device(fleet_home, "dev-1", tmp_path / "never", force=True)
+    monkeypatch.undo()
+
+    assert (
+        Registry(fleet_home.registry_dir).get("dev-1").tls_cert_sha256
+        == ca.cert_info((device / bundle.TLS_CERT_FILE).read_bytes()).sha256
+    )
+    assert _listed(fleet_home) == {}  # the old bundle still works
+    crl.sync_device(fleet_home, "dev-1")
+    issued = list((fleet_home.root / "ca" / "issued" / "dev-1").glob("*.pem"))
+    assert len(issued) == 2  # the one never handed out is on file and listed as superseded
+    assert list(_listed(fleet_home).values()) == [ca.SUPERSEDED]
+    assert _serial(device) not in _listed(fleet_home)
+
+
+def test_a_crl_signed_by_another_ca_is_refused(
+    fleet_home: FleetHome, other_fleet_home: FleetHome
+) -> None:
+    fleet_home.crl_path.write_bytes(other_fleet_home.crl_path.read_bytes())
+    with pytest.raises(SignatureError):
+        crl.read_crl(fleet_home)
+    fleet_home.crl_path.write_bytes(b"-----BEGIN X509 CRL-----\nnot one\n-----END X509 CRL-----\n")
+    with pytest.raises(FormatError):
+        crl.read_crl(fleet_home)
+
+
+def test_revocations_made_at_the_same_time_are_all_listed(
+    fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    devices = [f"dev-{i}" for i in range(8)]
+    bundles = {d: enroll(fleet_home, tmp_path, d) for d in devices}
+    start = threading.Barrier(len(devices))
+
+    def revoke(device_id: str) -> None:
+        start.wait()
+        set_status(fleet_home, device_id, REVOKED, reason="lost", by="operator")
+
+    threads = [threading.Thread(target=revoke, args=(d,)) for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert _listed(fleet_home) == {_serial(b): ca.HOLD for b in bundles.values()}
+    assert crl.read_crl(fleet_home)[1].number == 1 + len(devices)

@@ -2,7 +2,9 @@
 
 One implementation for every front end (the CLI, the dashboard). Revocation and reinstatement
 change the device's registry entry, which every verifier process reloads at once (it watches the
-registry directory) and acts on: a signed revoke command, or a fresh challenge. A re-attestation
+registry directory) and acts on: a signed revoke command, or a fresh challenge. They also put the
+device's certificate on hold in the fleet CRL or lift the hold (provisioning/crl.py), which
+`strongroom broker run` hands to the broker, so a revoked device is refused at TLS. A re-attestation
 request is a small file in the verifier's request directory that exactly one verifier process
 claims (by renaming it) and answers with a challenge. Each action is written to the audit log.
 """
@@ -14,6 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from provisioning import crl
 from provisioning.home import FleetHome
 from provisioning.registry import Registry
 from strongroom.errors import InputError
@@ -55,17 +58,21 @@ def _enrolled(home: FleetHome, device_id: str) -> Registry:
 
 
 def set_status(home: FleetHome, device_id: str, status: str, *, reason: str, by: str) -> Outcome:
-    """Revoke (`REVOKED`) or reinstate (`ACTIVE`) a device; no change if it already is."""
+    """Revoke (`REVOKED`) or reinstate (`ACTIVE`) a device; no change if it already is.
+
+    The CRL is brought in line with the registry either way, so repeating a command whose CRL
+    update failed (a full disk) completes it."""
     if status not in (REVOKED, ACTIVE):
         raise InputError(f"unknown device status {status!r}")
     registry = _enrolled(home, device_id)
     record = registry.get(device_id)
-    if record.status == status:
-        return Outcome(device_id, status, False)
-    registry.put(replace(record, status=status))
-    event = "revoked" if status == REVOKED else "reinstated"
-    _audit(home).append(event, device_id, reason=reason, by=by)
-    return Outcome(device_id, status, True)
+    changed = record.status != status
+    if changed:
+        registry.put(replace(record, status=status))
+        event = "revoked" if status == REVOKED else "reinstated"
+        _audit(home).append(event, device_id, reason=reason, by=by)
+    crl.sync_device(home, device_id)
+    return Outcome(device_id, status, changed)
 
 
 def request_reattestation(home: FleetHome, device_id: str, *, by: str) -> Outcome:
