@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint unit demo walkthrough bench clean
+.PHONY: venv test lint unit demo walkthrough bench fuzz clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,13 @@ bench: venv
 	$(PY) bench/enclave_cold_start.py
 	$(PY) bench/verifier_throughput.py
 	$(PY) bench/fleet_scale.py
+
+# Coverage-guided fuzzing of every parser (fuzz/run.py): FUZZ_SECONDS per harness. atheris is
+# installed here only; `make test` runs the same targets as bounded hypothesis properties.
+FUZZ_SECONDS ?= 30
+fuzz: venv
+	$(VENV)/bin/pip install --quiet 'atheris>=2.3'
+	$(PY) -m fuzz.run --all --seconds $(FUZZ_SECONDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
