@@ -164,7 +164,9 @@ def publish_backlog(
             publish_all(broker.port, bundles, evidence)
     finally:
         broker.stop()  # Mosquitto saves its state on exit
-    return home.root / "broker" / "databacklog"
+    saved = root / "backlog" / "saved"
+    shutil.copytree(broker.data_dir, saved)
+    return saved
 
 
 def run_case(
@@ -181,8 +183,8 @@ def run_case(
     retained results and sample latency with the last round."""
     label = f"{case.label}-{run}"
     (root / label).mkdir()
-    shutil.copytree(saved, home.root / "broker" / f"data{label}")
     broker = Broker(home, free_port(), root / label, tag=label)
+    broker.restore(saved)
     broker.start()
     observer = Observer(home, broker.port)
     arrived: dict[str, float] = {}

@@ -4,6 +4,7 @@ the verifier and agents as processes, and an observer with the read-only dashboa
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, Literal
 
 import pytest
 
-from provisioning.broker import find_mosquitto, write_broker_config
+from provisioning.broker import broker_user, find_mosquitto, prepare_state_dir
 from provisioning.home import DASHBOARD_CN, FleetHome
 from strongroom import messages, topics
 from strongroom.ear import AttestationResult, verify_result
@@ -72,12 +74,39 @@ def cli(*args: str) -> list[str]:
 
 @dataclass
 class Broker:
+    """`strongroom broker run` (Mosquitto under the broker's own user, CRL reloads) with its
+    state directory outside the fleet home: pytest's tmp directories are closed to other users.
+    The state directory lives as long as this object, so a restart keeps its persistence."""
+
     home: FleetHome
     port: int
     logdir: Path
     embedded: bool = False
     proc: Proc | None = None
-    tag: str = ""  # its own configuration and data directory in the home
+    tag: str = ""  # names its state directory
+    _state: Path | None = field(default=None, repr=False)
+
+    @property
+    def state_dir(self) -> Path:
+        if self._state is None:
+            parent = Path(tempfile.mkdtemp(prefix=f"sr-broker{self.tag}-", dir="/tmp"))
+            os.chmod(parent, 0o711)  # noqa: S103 - search only: the broker's user reaches it
+            weakref.finalize(self, shutil.rmtree, parent, True)
+            self._state = parent / "state"
+        return self._state
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "data"
+
+    def restore(self, saved: Path) -> None:
+        """Before the first start: begin with a copy of another broker's saved data."""
+        user = broker_user()
+        prepare_state_dir(self.state_dir, user)
+        shutil.copytree(saved, self.data_dir)
+        if not user.is_current:
+            for path in [self.data_dir, *self.data_dir.rglob("*")]:
+                os.chown(path, user.uid, user.gid)
 
     def start(self) -> None:
         log = self.logdir / "broker.log"
@@ -91,15 +120,33 @@ class Broker:
                 "--port",
                 str(self.port),
             )
-            self.proc = Proc(argv, log)
         else:
-            files = write_broker_config(self.home, port=self.port, tag=self.tag)
-            self.proc = Proc([find_mosquitto(), "-c", str(files.config)], log)
+            argv = cli(
+                "broker",
+                "run",
+                "--home",
+                str(self.home.root),
+                "--port",
+                str(self.port),
+                "--state-dir",
+                str(self.state_dir),
+            )
+        self.proc = Proc(argv, log)
         wait_until(self._accepting, 20, "the broker to listen")
 
     def _accepting(self) -> bool:
+        if self.proc is not None and self.proc.p.poll() is not None:
+            raise AssertionError(f"the broker exited: {self.proc.log()[-2000:]}")
         with socket.socket() as s:
             return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def mosquitto_pid(self) -> int:
+        """The Mosquitto process `broker run` started (from its `broker_started` log line)."""
+        assert self.proc is not None
+        for line in self.proc.log().splitlines():
+            if '"broker_started"' in line:
+                return int(json.loads(line)["pid"])
+        raise AssertionError("the broker did not log its start")
 
     def stop(self) -> None:
         if self.proc is not None:

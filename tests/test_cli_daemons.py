@@ -10,7 +10,7 @@ from pathlib import Path
 
 from provisioning.home import FleetHome
 from strongroom.mqtt import MqttClient, MqttSettings
-from tests.fleet import Proc, cli, free_port, require_mosquitto, wait_until
+from tests.fleet import Broker, Proc, cli, free_port, require_mosquitto, wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -118,8 +118,19 @@ def test_broker_run_serves_the_fleet_with_its_generated_config(
 ) -> None:
     require_mosquitto()
     port = free_port()
+    place = Broker(fleet_home, port, tmp_path)  # its state directory outlives the test's use
+    state = place.state_dir  # reachable by the broker's user, unlike tmp_path
     broker = Proc(
-        cli("broker", "run", "--home", str(fleet_home.root), "--port", str(port)),
+        cli(
+            "broker",
+            "run",
+            "--home",
+            str(fleet_home.root),
+            "--port",
+            str(port),
+            "--state-dir",
+            str(state),
+        ),
         tmp_path / "broker.log",
     )
     try:
@@ -137,7 +148,8 @@ def test_broker_run_serves_the_fleet_with_its_generated_config(
         ).start()
         wait_until(v.connected.is_set, 20, "a connection with the verifier's identity")
         v.stop()
-        conf = (fleet_home.root / "broker" / "mosquitto.conf").read_text()
+        conf = (state / "mosquitto.conf").read_text()
         assert "require_certificate true" in conf and "allow_anonymous false" in conf
+        assert "\ncrlfile " in conf and "\nuser root\n" not in conf
     finally:
         assert broker.stop() in (0, -15)

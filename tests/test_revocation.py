@@ -1,16 +1,25 @@
-"""Revocation with zeroisation, reinstatement, forged commands, and the audit trail, end to end."""
+"""Revocation with zeroisation, reinstatement, forged commands, and the audit trail, end to end;
+revoked and replaced certificates refused by the broker at TLS once it reloads the fleet CRL."""
 
 from __future__ import annotations
 
 import json
 import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
-from provisioning.home import VERIFIER_CN
+import pytest
+
+from provisioning import ca
+from provisioning.enroll import enroll_device
+from provisioning.home import VERIFIER_CN, FleetHome, init_home
 from strongroom import topics
 from strongroom.commands import Command, sign_command
 from strongroom.mqtt import MqttClient, MqttSettings
 from strongroom.signing import SigningKey
-from tests.fleet import Fleet, Observer, cli, wait_until
+from tests.fleet import Broker, Fleet, Observer, cli, free_port, require_mosquitto, wait_until
+from tests.mqtt_probe import ACCEPTED, connect_once
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -31,8 +40,12 @@ def test_revoke_wipes_the_enclave_and_reinstate_needs_fresh_attestation(fleet: F
     assert list(sealed.glob("*.blob"))
 
     home = str(fleet.home.root)
+    reloads = _reloads(fleet.broker)
     assert _run("device", "revoke", "cam-1", "--home", home, "--reason", "stolen").returncode == 0
+    # the broker drops no established connection when it reloads the CRL: the command arrives
     wait_until(lambda: "revoked" in fleet.observer.states("cam-1"), 20, "the wipe's confirmation")
+    _wait_reloaded(fleet.broker, reloads)
+    assert connect_once(fleet.broker.port, bundle).startswith("tls:")  # no new connection
     refused = fleet.invoke("cam-1", "vendor:echo", "1")
     assert refused.returncode != 0 and "revoked" in refused.stderr
     assert list(sealed.glob("*.blob")) == []  # nothing to restart from
@@ -97,3 +110,104 @@ def test_a_forged_command_is_ignored_and_reported(fleet: Fleet) -> None:
     fleet.observer.wait_result("cam-f", "affirming")
     wait_until(lambda: _invoke_ok(fleet, "cam-f"), 20, "service despite the forged command")
     assert "revoked" not in fleet.observer.states("cam-f")
+
+
+# --- the broker refuses revoked and replaced certificates ---------------------------------------
+
+
+def _reloads(broker: Broker) -> int:
+    assert broker.proc is not None
+    return broker.proc.log().count('"crl_reloaded"')
+
+
+def _wait_reloaded(broker: Broker, before: int) -> float:
+    """Wait until `broker run` has handed the broker a newer CRL; the seconds it took."""
+    started = time.monotonic()
+    wait_until(lambda: _reloads(broker) > before, 10, "the broker to reload the CRL")
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    require_mosquitto()
+    b = Broker(init_home(tmp_path / "home"), free_port(), tmp_path)
+    yield b
+    b.stop()
+
+
+def _enroll(
+    home: FleetHome, tmp_path: Path, device_id: str, name: str = "", force: bool = False
+) -> Path:
+    bundle = tmp_path / (name or device_id)
+    enroll_device(home, device_id, bundle, force=force)
+    return bundle
+
+
+def test_a_revoked_certificate_is_refused_at_tls_and_a_reinstated_one_connects_again(
+    broker: Broker, tmp_path: Path
+) -> None:
+    cam1 = _enroll(broker.home, tmp_path, "cam-1")
+    cam2 = _enroll(broker.home, tmp_path, "cam-2")
+    broker.start()
+    assert connect_once(broker.port, cam1) == ACCEPTED
+    home = str(broker.home.root)
+
+    reloads = _reloads(broker)
+    assert _run("device", "revoke", "cam-1", "--home", home, "--reason", "lost").returncode == 0
+    _wait_reloaded(broker, reloads)
+    refused = connect_once(broker.port, cam1)
+    assert refused.startswith("tls:"), refused
+    assert connect_once(broker.port, cam2) == ACCEPTED  # only that certificate
+
+    reloads = _reloads(broker)
+    assert _run("device", "reinstate", "cam-1", "--home", home).returncode == 0
+    _wait_reloaded(broker, reloads)
+    assert connect_once(broker.port, cam1) == ACCEPTED
+
+
+def test_a_re_enrolled_device_old_certificate_is_refused_and_its_new_one_accepted(
+    broker: Broker, tmp_path: Path
+) -> None:
+    old = _enroll(broker.home, tmp_path, "cam-1", "old")
+    broker.start()
+    assert connect_once(broker.port, old) == ACCEPTED
+
+    reloads = _reloads(broker)
+    new = tmp_path / "new"
+    enrolled = _run(
+        "device", "enroll", "cam-1", "--home", str(broker.home.root), "--out", str(new), "--force"
+    )
+    assert enrolled.returncode == 0, enrolled.stderr
+    _wait_reloaded(broker, reloads)
+    assert connect_once(broker.port, old).startswith("tls:")
+    assert connect_once(broker.port, new) == ACCEPTED
+
+    home = str(broker.home.root)  # lifting a hold never brings a replaced certificate back
+    for command in (("revoke", "--reason", "lost"), ("reinstate",)):
+        reloads = _reloads(broker)
+        assert _run("device", command[0], "cam-1", "--home", home, *command[1:]).returncode == 0
+        _wait_reloaded(broker, reloads)
+    assert connect_once(broker.port, old).startswith("tls:")
+    assert connect_once(broker.port, new) == ACCEPTED
+
+
+def test_a_crl_that_does_not_verify_never_reaches_the_broker(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Mosquitto 2.0.11 reloading a bad `crlfile` accepts every certificate: a CRL not signed by
+    the fleet CA (here an empty one from another CA, which would lift every revocation) is
+    refused by `broker run`, and the broker keeps the last list that verified."""
+    cam1 = _enroll(broker.home, tmp_path, "cam-1")
+    broker.start()
+    home = str(broker.home.root)
+    reloads = _reloads(broker)
+    assert _run("device", "revoke", "cam-1", "--home", home, "--reason", "lost").returncode == 0
+    _wait_reloaded(broker, reloads)
+
+    other = ca.make_ca("other")
+    broker.home.crl_path.write_bytes(ca.make_crl(other, 99, ()))
+    proc = broker.proc
+    assert proc is not None
+    wait_until(lambda: '"crl_not_reloaded"' in proc.log(), 10, "the CRL to be refused")
+    assert connect_once(broker.port, cam1).startswith("tls:")
+    assert _reloads(broker) == reloads + 1

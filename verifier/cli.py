@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from provisioning.broker import DEFAULT_PORT, exec_mosquitto, find_mosquitto, write_broker_config
+from provisioning.broker import DEFAULT_PORT, broker_user, find_mosquitto, write_broker_config
 from provisioning.home import open_home
 from strongroom.errors import IntegrityError
 from strongroom.mqtt import (
@@ -38,11 +38,14 @@ def _broker_run(args: argparse.Namespace) -> int:
         log.info("embedded_broker_starting", port=args.port, bind=args.bind, mqtt="3.1.1")
         run_embedded(home, args.port, args.bind)
         return 0
+    from provisioning.broker_supervisor import run_broker  # noqa: PLC0415 - this command only
+
     find_mosquitto()  # a clear error before anything is written
-    files = write_broker_config(home, port=args.port, bind=args.bind)
+    files = write_broker_config(
+        home, port=args.port, bind=args.bind, state_dir=args.state_dir, user=broker_user(args.user)
+    )
     log.info("broker_starting", port=args.port, bind=args.bind, config=str(files.config))
-    exec_mosquitto(files)
-    return 0  # not reached: mosquitto replaced this process
+    return run_broker(home, files)
 
 
 def _verifier_run(args: argparse.Namespace) -> int:
@@ -163,6 +166,18 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--home", type=Path, required=True)
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on")
+    p.add_argument(
+        "--user",
+        metavar="NAME",
+        help="started by root: the unprivileged user Mosquitto runs as (default mosquitto)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="the broker's own files and persistence (default HOME/broker, or "
+        "/var/lib/strongroom-broker/FLEET_ID when started by root)",
+    )
     p.add_argument(
         "--embedded",
         action="store_true",

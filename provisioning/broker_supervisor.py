@@ -1,0 +1,116 @@
+"""`strongroom broker run`: Mosquitto as a child process under the broker's own user, told to
+reload whenever the fleet CRL changes.
+
+Mosquitto re-reads its `crlfile` on SIGHUP (2.0.11: a new TLS context, so a lifted hold is
+lifted too) but never on its own. Whoever signals it must also be able to copy the new CRL into
+its state directory and to signal a process of the broker's user. The commands that revoke (the
+verifier, `device revoke`/`reinstate`, `device enroll --force`, the dashboard) run as the fleet
+home's owner, which may be neither; `broker run` started the broker, so it can. It polls the
+CRL's directory entry (a stat every quarter second), checks a new CRL's signature, copies it and
+sends SIGHUP. SIGHUP sent to `broker run` itself does the same, SIGTERM and SIGINT are passed
+on, and it exits with Mosquitto's status. The child is started as the broker's user (so it never
+holds root, not even while it reads its configuration) and dies with its parent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from provisioning.broker import BrokerFiles, find_mosquitto, stage_crl
+from provisioning.home import FleetHome
+from strongroom.errors import StrongroomError
+
+log = structlog.get_logger()
+
+POLL_S = 0.25
+_PR_SET_PDEATHSIG = 1
+
+
+def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -> int:
+    """Run Mosquitto until it exits; return its exit status (128 + signal if it was killed)."""
+    binary = find_mosquitto()
+    user, as_user = files.user, dict[str, Any]()
+    if not user.is_current:  # started as root: the child changes uid before exec
+        groups = [g for g in user.groups if g != user.gid]
+        as_user = {"user": user.uid, "group": user.gid, "extra_groups": groups}
+    stamp = _stamp(home)
+    child = subprocess.Popen(
+        [binary, "-c", str(files.config)],
+        umask=0o077,
+        preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - single-threaded here
+        **as_user,
+    )
+    log.info("broker_started", pid=child.pid, user=user.name, state=str(files.state_dir))
+    reload_requested = False
+
+    def pass_on(signum: int, _frame: FrameType | None) -> None:
+        if child.returncode is None:
+            child.send_signal(signum)
+
+    def request_reload(_signum: int, _frame: FrameType | None) -> None:
+        nonlocal reload_requested
+        reload_requested = True
+
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
+        signal.SIGINT: signal.signal(signal.SIGINT, pass_on),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, request_reload),
+    }
+    try:
+        while True:
+            try:
+                code = child.wait(poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
+                return code if code >= 0 else 128 - code
+            now = _stamp(home)
+            if now != stamp or reload_requested:
+                stamp, reload_requested = now, False  # taken before the read: none is missed
+                _reload(home, files, child)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if child.poll() is None:  # we are leaving on an exception: do not leave it behind
+            child.terminate()
+            child.wait()
+
+
+def _reload(home: FleetHome, files: BrokerFiles, child: subprocess.Popen[bytes]) -> None:
+    try:
+        crl = stage_crl(home, files)
+    except StrongroomError as e:  # the broker keeps the last list that verified
+        log.error("crl_not_reloaded", reason=e.diagnostics())
+        return
+    child.send_signal(signal.SIGHUP)
+    log.info("crl_reloaded", number=crl.number, entries=len(crl.entries))
+
+
+def _stamp(home: FleetHome) -> tuple[int, int, int] | None:
+    """Which version of the CRL is in place: it is replaced by rename, never edited."""
+    try:
+        st = os.stat(home.crl_path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """In the child before exec (after its uid changed, which would clear the setting): receive
+    SIGTERM when `broker run` dies, even by SIGKILL, so no broker is left holding the port."""
+
+    def set_parent_death_signal() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # it died before the call
+            os._exit(1)
+
+    return set_parent_death_signal
