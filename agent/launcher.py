@@ -251,6 +251,9 @@ class SeparatedLauncher:
                 cwd="/",
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
+                # out of the terminal's process group: Ctrl-C reaches the agent alone, which then
+                # stops the enclave (after it wipes itself) and the platform in order
+                start_new_session=True,
             )
         except OSError as e:
             ours.close()

@@ -202,8 +202,8 @@ class Hold:
     """Arms the hold hook in the device venv (see _HOLD_HOOK) and hands held processes over."""
 
     def __init__(self, venv: DeviceVenv, where: Path) -> None:
-        self.where = where
-        where.mkdir()
+        self.where, self.seen = where, set[int]()
+        where.mkdir(exist_ok=True)
         where.chmod(0o1777)  # the platform's and the enclave's users write their pid files here
         site = venv.site_packages
         self.files = (site / "_sr_test_hold.py", site / "_sr_test_hold.pth")
@@ -218,10 +218,11 @@ class Hold:
 
     def wait(self, role: str) -> int:
         def held() -> int | None:
-            names = [p.name for p in self.where.glob(f"{role}.*")]
-            return int(names[0].split(".")[1]) if names else None
+            pids = {int(p.name.split(".")[1]) for p in self.where.glob(f"{role}.*")} - self.seen
+            return pids.pop() if pids else None
 
         pid: int = wait_until(held, 30, f"a held {role} process")
+        self.seen.add(pid)
         return pid
 
     def release(self, pid: int) -> None:
@@ -249,7 +250,18 @@ def _invoke(bundle_dir: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def separated(device_venv: DeviceVenv) -> Iterator[Separated]:
+def hold(device_venv: DeviceVenv) -> Iterator[Hold]:
+    where = Path(tempfile.mkdtemp(prefix="sr-hold-", dir="/tmp"))
+    made = Hold(device_venv, where)
+    try:
+        yield made
+    finally:
+        made.remove()
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def separated(device_venv: DeviceVenv, hold: Hold) -> Iterator[Separated]:
     """A fleet and one agent started as root from the device venv, without any opt-out; the
     attacker hit its platform and its enclave while the hold hook kept each at its start."""
     if os.geteuid() != 0:
@@ -257,7 +269,6 @@ def separated(device_venv: DeviceVenv) -> Iterator[Separated]:
     root = Path(tempfile.mkdtemp(prefix="sr-privsep-", dir="/tmp"))
     root.chmod(0o711)  # the agent's user must reach the bundle, as under /var/lib on a device
     fleet = Fleet(root)
-    hold = Hold(device_venv, root / "hold")
     try:
         fleet.start()
         bundle_dir = fleet.enroll("sep-1")
@@ -278,7 +289,7 @@ def separated(device_venv: DeviceVenv) -> Iterator[Separated]:
         wait_until(lambda: _invoke(bundle_dir).returncode == 0, 30, "the agent's first answer")
         yield Separated(device_venv, fleet, bundle_dir, agent, creds, held)
     finally:
-        hold.remove()
+        hold.disarm()
         fleet.stop()
         shutil.rmtree(root, ignore_errors=True)
 
@@ -362,6 +373,47 @@ def test_the_agents_user_cannot_attach_to_a_platform_or_enclave_before_it_harden
 
 
 # -- without root ---------------------------------------------------------------------------------
+
+
+@needs_root
+def test_without_separation_the_agents_user_wins_as_the_threat_model_says(
+    device_env: DeviceEnv, device_venv: DeviceVenv, hold: Hold
+) -> None:
+    """The finding's set-up, accepted with --no-privilege-separation by an unprivileged agent:
+    the same attacker reads the root secret and attaches to the fresh platform and enclave. (So
+    the attacks above fail because of the separation, not because the attacker cannot attack.)"""
+    device_env.build("prod")
+    account = device_accounts().agent
+    creds = Creds(account.uid, account.gid)
+    root = _unprivileged_copy(device_env, account)
+    argv = device_venv.cli(
+        *("enclave", "run", "vendor:echo", "1", "--no-privilege-separation"),
+        *("--bundle", str(root / "bundle"), "--image", str(root / "prod.img")),
+        *("--state", str(root / "state")),
+    )
+    hold.arm()
+    run = subprocess.Popen(as_user(creds, argv), cwd="/", stderr=subprocess.PIPE, text=True)
+    try:
+        secret = root / "bundle" / bundle.ROOT_SECRET_FILE
+        platform_pid = hold.wait("platform")
+        found = attack(device_venv, creds, files=(secret,), pids=(platform_pid,))
+        hold.release(platform_pid)
+        enclave_pid = hold.wait("enclave")
+        found["pids"].update(attack(device_venv, creds, pids=(enclave_pid,))["pids"])
+        hold.release(enclave_pid)
+        hold.disarm()
+        _out, err = run.communicate(timeout=60)
+    finally:
+        hold.disarm()
+        run.kill()
+        run.wait()
+        shutil.rmtree(root, ignore_errors=True)
+    assert found["files"] == {str(secret): "read"}
+    assert {pid: seen["seize"] for pid, seen in found["pids"].items()} == {
+        str(platform_pid): "attached",
+        str(enclave_pid): "attached",
+    }
+    assert "not in any loaded code artifact" in err  # it ran: nothing refused it
 
 
 def test_a_host_without_separation_refuses_a_production_image_and_says_why(
