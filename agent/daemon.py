@@ -233,6 +233,8 @@ class AgentDaemon:
             log.warning("reply_not_sent", reason=str(e))
         except StrongroomError as e:
             log.warning("message_rejected", topic=msg.topic[:120], reason=str(e))
+        except Exception as e:  # a defect met by this input: the agent goes on all the same
+            log.error("message_failed", topic=msg.topic[:120], error=type(e).__name__, exc_info=e)
 
     # -- life cycle ----------------------------------------------------------------------------
 

@@ -1,11 +1,13 @@
-"""At-least-once, end to end: the verifier acknowledges evidence only once what it decided is
-committed, so killing it (SIGKILL) at any point of a backlog drain loses nothing. Real Mosquitto
-with the generated config, the verifier as a process, real evidence; the kill points are drawn
-from a seeded generator, and the assertions hold wherever they fall."""
+"""The verifier as a process against a real Mosquitto (the generated config) and real evidence:
+at-least-once, end to end (it acknowledges evidence only once what it decided is committed, so
+killing it with SIGKILL at any point of a backlog drain loses nothing; the kill points are drawn
+from a seeded generator, and the assertions hold wherever they fall), and a validly signed poison
+left retained on a device's topic stops it neither then nor at its next starts."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import sqlite3
 import time
@@ -19,6 +21,7 @@ from provisioning.build import build_enclave
 from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome, init_home
 from strongroom import topics
+from strongroom.mqtt import MqttClient
 from tests.fleet import (
     Broker,
     Observer,
@@ -29,6 +32,7 @@ from tests.fleet import (
     require_mosquitto,
     wait_until,
 )
+from tests.tokens import resigned
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +57,9 @@ def _total(db: Path) -> int:
     return sum(a for a, _s in _accepted(db).values())
 
 
-def _fleet(root: Path) -> tuple[FleetHome, dict[str, Path], dict[str, list[bytes]]]:
+def _fleet(
+    root: Path, per_device: int = PER_DEVICE
+) -> tuple[FleetHome, dict[str, Path], dict[str, list[bytes]]]:
     home = init_home(root / "home")
     write_enclave_source(root / "src", home.verify_key("artifact"), home.result_verify_key())
     build_enclave(home, root / "src", root / "enclave.img", svn=1)
@@ -64,7 +70,7 @@ def _fleet(root: Path) -> tuple[FleetHome, dict[str, Path], dict[str, list[bytes
         bundles[device_id] = root / device_id
         enroll_device(home, device_id, bundles[device_id])
         enclave = InlineEnclave.load(bundles[device_id], identity)
-        evidence[device_id] = [enclave.evidence() for _ in range(PER_DEVICE)]
+        evidence[device_id] = [enclave.evidence() for _ in range(per_device)]
     return home, bundles, evidence
 
 
@@ -134,5 +140,41 @@ def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_
         accepted = _accepted(db)
         assert accepted == {d: (PER_DEVICE, PER_DEVICE) for d in bundles}  # each seq once, all
         assert "internal error" not in verifier.log()
+    finally:
+        broker.stop()
+
+
+def test_a_retained_poison_is_cleared_and_stops_the_verifier_at_no_start(tmp_path: Path) -> None:
+    require_mosquitto()
+    home, bundles, evidence = _fleet(tmp_path, per_device=3)
+    broker = Broker(home, free_port(), tmp_path)
+    broker.start()
+    db = tmp_path / "state.sqlite"
+    argv = cli("verifier", "run", "--home", str(home.root), "--broker", broker.url, "--db", str(db))
+    poison = resigned(bundles["cam-0"], "cam-0", evidence["cam-0"][0], iat=math.inf, seq=2**64 + 7)
+    try:
+        attacker = bundle_client(broker.port, bundles["cam-0"], "cam-0")
+        attacker.wait_connected(10)
+        attacker.publish(topics.device_topic("cam-0", topics.EVIDENCE), poison, retain=True)
+        attacker.stop()
+        for start in range(3):
+            verifier = Proc(argv, tmp_path / f"verifier-{start}.log")
+            client = bundle_client(broker.port, bundles["cam-1"], "cam-1")
+            client.wait_connected(10)
+            token = evidence["cam-1"][start]
+
+            def appraised(
+                token: bytes = token, client: MqttClient = client, start: int = start
+            ) -> bool:  # published again until the verifier is subscribed
+                client.publish(topics.device_topic("cam-1", topics.EVIDENCE), token)
+                return _accepted(db).get("cam-1", (0, 0))[0] > start
+
+            wait_until(appraised, 30, f"cam-1's evidence appraised after start {start}")
+            client.stop()
+            assert verifier.p.poll() is None, verifier.log()
+            assert verifier.stop() == 0
+            cleared = "retained_message_cleared" in verifier.log()
+            assert cleared == (start == 0), verifier.log()  # cleared at once, then gone
+        assert "cam-0" not in _accepted(db) or _accepted(db)["cam-0"] == (0, 0)
     finally:
         broker.stop()

@@ -12,27 +12,17 @@ from typing import Any
 import cbor2
 import pytest
 
-from strongroom import cose, messages, topics
-from strongroom.bundle import ATTESTATION_KEY_FILE
+from strongroom import messages, topics
 from strongroom.commands import verify_command
-from strongroom.evidence import IAT, SR_SEQ, parse_evidence
 from strongroom.mqtt import Inbound
-from strongroom.signing import SigningKey
+from tests.tokens import resigned
 from tests.verifier_rig import Rig
 from verifier.audit import AuditLog
 from verifier.operator import audit_path
 
 
 def _resigned(rig: Rig, device_id: str, **changes: Any) -> bytes:
-    """A genuine evidence of the device with claims changed, signed again with the device's own
-    attestation key: what anyone holding the device's bundle can make."""
-    key = SigningKey.from_pem((rig.bundle(device_id) / ATTESTATION_KEY_FILE).read_bytes())
-    token = rig.evidence(device_id).payload
-    claims = dict(cose.verify(parse_evidence(token), key.verify_key, "evidence"))
-    names = {"iat": IAT, "seq": SR_SEQ}
-    for name, value in changes.items():
-        claims[names[name]] = value
-    return cose.sign(claims, key, device_id.encode())
+    return resigned(rig.bundle(device_id), device_id, rig.evidence(device_id).payload, **changes)
 
 
 def _evidence(device_id: str, token: bytes, *, retain: bool = False) -> Inbound:
