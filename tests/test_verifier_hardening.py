@@ -217,3 +217,12 @@ def test_the_metrics_count_what_a_flooding_device_had_dropped(rig: Rig) -> None:
     limit = int(rig.verifier.config.limits.status.burst)
     assert f'strongroom_rate_limited_total{{kind="status"}} {30 - limit}.0' in text
     assert "strongroom_retained_cleared_total 1.0" in text
+
+
+def test_a_device_the_verifier_revokes_has_its_certificate_put_on_hold(rig: Rig) -> None:
+    from provisioning import ca, crl  # noqa: PLC0415 - the fleet CA's side
+
+    serial = ca.cert_info((rig.bundle("cam-a") / "tls" / "client.pem").read_bytes()).serial
+    assert crl.read_crl(rig.home)[1].reason(serial) is None
+    rig.verifier.revoke("cam-a", "contraindicated")
+    assert crl.read_crl(rig.home)[1].reason(serial) == ca.HOLD

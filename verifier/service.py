@@ -28,6 +28,7 @@ from pathlib import Path
 
 import structlog
 
+from provisioning import crl
 from provisioning.home import FleetHome
 from provisioning.keystore import Keystore
 from provisioning.registry import DeviceRecord, Registry
@@ -195,11 +196,21 @@ class Verifier:
             record = replace(record, status="revoked")
             self.registry.put(record)
             self.audit.append("revoked", device_id, reason=reason, by="verifier")
+            self._sync_crl(device_id)
         elif device_id in self._commanded:
             return  # revoked already, and its retained command stands: nothing new to say
         self.devices[device_id] = record
         self.store.sync_devices([record])
         self._send_revoke(device_id, reason)
+
+    def _sync_crl(self, device_id: str) -> None:
+        """Put the device's certificate on hold in the fleet CRL (the broker then refuses it at
+        its next connection). A failure leaves the registry as the truth; the next operator
+        command on the device repairs the CRL."""
+        try:
+            crl.sync_device(self.config.home, device_id)
+        except (StrongroomError, OSError, ValueError) as e:
+            log.error("crl_not_updated", device=device_id, reason=str(e)[:200])
 
     def _send_revoke(self, device_id: str, reason: str) -> None:
         self.alert("critical", device_id, f"revoked: {reason}")
