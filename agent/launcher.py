@@ -29,15 +29,22 @@ from strongroom.errors import EnvironmentFault
 ENCLAVE_ENV = {"LC_ALL": "C.UTF-8"}
 LAUNCHER_TIMEOUT_S = 30.0
 ENCLAVE_STOP_GRACE_S = 3.0
+MAX_LAUNCHER_FRAME = 4096  # the launcher's requests and replies are a few fields each
 
 
 class SeparationError(EnvironmentFault):
-    """Privilege separation could not be set up, or is missing where it is required."""
+    """Privilege separation is missing where it is required."""
 
     hint = (
         "start the agent as root so it can run the platform and the enclave under users of "
         "their own, or pass --no-privilege-separation to accept running them as the agent's user"
     )
+
+
+class SeparationFault(SeparationError):
+    """Privilege separation could not be set up or failed (the agent is root)."""
+
+    hint = "fix the machine's set-up, or pass --no-privilege-separation to run all as one user"
 
 
 # -- the fixed command lines ---------------------------------------------------------------------
@@ -106,7 +113,7 @@ class FdChannel:
     """A `Channel` whose messages may carry descriptors (sent right after the frame)."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock, self.chan = sock, Channel(sock)
+        self.sock, self.chan = sock, Channel(sock, max_frame=MAX_LAUNCHER_FRAME)
 
     def send(self, msg: Message, fds: tuple[int, ...] = ()) -> None:
         self.chan.send(msg)
@@ -132,7 +139,7 @@ class FdChannel:
         self.send(msg, fds)
         reply = self.chan.recv(timeout=LAUNCHER_TIMEOUT_S)
         if reply["op"] == "error":
-            raise SeparationError(f"the launcher refused: {str(reply.get('reason'))[:300]}")
+            raise SeparationFault(f"the launcher refused: {str(reply.get('reason'))[:300]}")
         return reply
 
     def close(self) -> None:
@@ -257,7 +264,7 @@ class SeparatedLauncher:
             )
         except OSError as e:
             ours.close()
-            raise SeparationError(f"cannot start the privileged launcher: {e.strerror}") from e
+            raise SeparationFault(f"cannot start the privileged launcher: {e.strerror}") from e
         finally:
             theirs.close()
         launcher = cls(FdChannel(ours), proc)
@@ -265,7 +272,7 @@ class SeparatedLauncher:
             check(launcher._chan.request({"op": "hello"}), {"pid": int})
         except ChannelError as e:
             launcher.close()
-            raise SeparationError(f"the privileged launcher did not start: {e}") from e
+            raise SeparationFault(f"the privileged launcher did not start: {e}") from e
         return launcher
 
     def start_platform(self, host_fd: int, enclave_fd: int) -> ChildProcess:
@@ -274,7 +281,7 @@ class SeparatedLauncher:
                 reply = self._chan.request({"op": "start_platform"}, (host_fd, enclave_fd))
                 pid = int(check(reply, {"pid": int})["pid"])
             except ChannelError as e:
-                raise SeparationError(f"the privileged launcher failed: {e}") from e
+                raise SeparationFault(f"the privileged launcher failed: {e}") from e
         return _LaunchedProcess(self._chan, self._lock, "stop_platform", pid)
 
     def close(self) -> None:
@@ -303,5 +310,5 @@ class EnclaveSpawner:
                 )
                 pid = int(check(reply, {"pid": int})["pid"])
             except ChannelError as e:
-                raise SeparationError(f"the privileged launcher failed: {e}") from e
+                raise SeparationFault(f"the privileged launcher failed: {e}") from e
         return _LaunchedProcess(self._chan, self._lock, "stop_enclave", pid)

@@ -66,7 +66,7 @@ def _sockets_only(fds: list[int]) -> None:
             raise ChannelError("channel descriptors must be sockets")
 
 
-class Launcher:
+class PrivilegedLauncher:
     def __init__(self, platform_dir_fd: int, platform: tuple[int, int], enclave: tuple[int, int]):
         self.platform_dir_fd, self.platform, self.enclave = platform_dir_fd, platform, enclave
         self.platforms: dict[int, _Platform] = {}
@@ -223,7 +223,7 @@ def main() -> int:
     control_fd, platform_dir_fd, *ids = (int(a) for a in sys.argv[1:7])
     if os.geteuid() != 0 or len(ids) != 4:
         return 2
-    launcher = Launcher(platform_dir_fd, (ids[0], ids[1]), (ids[2], ids[3]))
+    launcher = PrivilegedLauncher(platform_dir_fd, (ids[0], ids[1]), (ids[2], ids[3]))
     host = FdChannel(socket.socket(fileno=control_fd))
     try:
         launcher.serve_host(host)

@@ -34,7 +34,7 @@ import structlog
 
 import agent
 import strongroom
-from agent.launcher import SeparatedLauncher, SeparationError
+from agent.launcher import SeparatedLauncher, SeparationError, SeparationFault
 from strongroom import bundle
 from strongroom.fsutil import make_private_dir
 
@@ -77,13 +77,13 @@ def _create_system_user(name: str) -> None:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise SeparationError(f"cannot create the system user {name}: {e}") from e
+        raise SeparationFault(f"cannot create the system user {name}: {e}") from e
     if done.returncode != 0:
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)  # created meanwhile by another agent starting at the same time
             return
         reason = (done.stderr.strip().splitlines() or ["useradd failed"])[-1][:200]
-        raise SeparationError(f"cannot create the system user {name}: {reason}")
+        raise SeparationFault(f"cannot create the system user {name}: {reason}")
     log.info("system_user_created", user=name)
 
 
@@ -92,7 +92,7 @@ def resolve_account(name: str, *, create: bool = True) -> Account:
         entry = pwd.getpwnam(name)
     except KeyError:
         if not create:
-            raise SeparationError(f"there is no user {name!r}") from None
+            raise SeparationFault(f"there is no user {name!r}") from None
         _create_system_user(name)
         entry = pwd.getpwnam(name)
     return Account(name, entry.pw_uid, entry.pw_gid)
@@ -106,7 +106,7 @@ def resolve_accounts(users: DeviceUsers) -> Accounts:
     )
     uids = [a.uid for a in (accounts.agent, accounts.platform, accounts.enclave)]
     if 0 in uids or len(set(uids)) != 3:
-        raise SeparationError(
+        raise SeparationFault(
             "the agent's, the platform's and the enclave's users must be three different "
             f"users other than root (got uids {uids})"
         )
@@ -140,21 +140,22 @@ def _unreachable(path: Path, account: Account, want: int) -> Path | None:
 
 
 def check_installation(accounts: Accounts) -> None:
-    """The platform and the enclave run this interpreter and these packages as their own users:
-    refuse early, in one line, when they could not (a virtual environment under /root, say)."""
+    """The platform and the enclave run this interpreter and these packages as their own users,
+    and the agent goes on importing from them as its own: refuse early, in one line, when one of
+    them could not (a virtual environment under /root, say)."""
     needs = [
         (Path(sys.executable), 0o1),
         (Path(agent.__file__).parent, 0o5),
         (Path(strongroom.__file__).parent, 0o5),
     ]
-    for account in (accounts.platform, accounts.enclave):
+    for account in (accounts.agent, accounts.platform, accounts.enclave):
         for path, want in needs:
             blocked = _unreachable(path, account, want)
             if blocked is not None:
-                raise SeparationError(
-                    f"the user {account.name} cannot use {path} ({blocked} is closed to it): "
-                    "install Strongroom where system users can run it (e.g. a virtual "
-                    "environment outside /root), or pass --no-privilege-separation"
+                raise SeparationFault(
+                    f"the user {account.name} cannot use {path} ({blocked} is closed to it)",
+                    hint="install Strongroom where system users can run it (e.g. a virtual "
+                    "environment outside /root), or pass --no-privilege-separation",
                 )
 
 
@@ -204,7 +205,7 @@ def _open_dir(path: Path) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        raise SeparationError(f"cannot open {path}: {e.strerror}") from e
+        raise SeparationFault(f"cannot open {path}: {e.strerror}") from e
 
 
 def prepare_bundle(bundle_dir: Path, state_dir: Path, accounts: Accounts) -> int:
@@ -212,7 +213,7 @@ def prepare_bundle(bundle_dir: Path, state_dir: Path, accounts: Accounts) -> int
     agent's user; return a descriptor of the platform directory (for the launcher)."""
     blocked = _unreachable(bundle_dir.absolute().parent, accounts.agent, 0o1)
     if blocked is not None:
-        raise SeparationError(
+        raise SeparationFault(
             f"the user {accounts.agent.name} cannot reach the bundle {bundle_dir} "
             f"({blocked} is closed to it)",
             hint="keep the bundle where that user may pass (e.g. /var/lib/strongroom/DEVICE)",
@@ -227,7 +228,7 @@ def prepare_bundle(bundle_dir: Path, state_dir: Path, accounts: Accounts) -> int
             os.close(bundle_fd)
         platform_dir = (bundle_dir / bundle.PLATFORM_DIR).resolve()
         if state_dir.resolve().is_relative_to(platform_dir):
-            raise SeparationError("the state directory cannot be inside the platform directory")
+            raise SeparationFault("the state directory cannot be inside the platform directory")
         make_private_dir(state_dir)
         state_fd = _open_dir(state_dir)
         try:
@@ -236,17 +237,17 @@ def prepare_bundle(bundle_dir: Path, state_dir: Path, accounts: Accounts) -> int
             os.close(state_fd)
         blocked = _unreachable(state_dir, accounts.agent, 0o7)
         if blocked is not None:
-            raise SeparationError(
+            raise SeparationFault(
                 f"the user {accounts.agent.name} cannot use the state directory {state_dir} "
                 f"({blocked} is closed to it)",
                 hint="choose a state directory whose parents it may pass, e.g. BUNDLE/state",
             )
         st = os.fstat(platform_fd)
         if st.st_uid != accounts.platform.uid or stat.S_IMODE(st.st_mode) != 0o700:
-            raise SeparationError("the platform directory did not take its owner and mode")
+            raise SeparationFault("the platform directory did not take its owner and mode")
     except OSError as e:
         os.close(platform_fd)
-        raise SeparationError(f"cannot set the bundle's owners: {e.strerror}") from e
+        raise SeparationFault(f"cannot set the bundle's owners: {e.strerror}") from e
     except BaseException:
         os.close(platform_fd)
         raise
@@ -263,9 +264,9 @@ def drop_privileges(account: Account) -> None:
         os.setresgid(account.gid, account.gid, account.gid)
         os.setresuid(account.uid, account.uid, account.uid)
     except OSError as e:
-        raise SeparationError(f"cannot become the user {account.name}: {e.strerror}") from e
+        raise SeparationFault(f"cannot become the user {account.name}: {e.strerror}") from e
     if os.getresuid() != (account.uid,) * 3 or os.getresgid() != (account.gid,) * 3:
-        raise SeparationError(f"could not become the user {account.name}")
+        raise SeparationFault(f"could not become the user {account.name}")
 
 
 def separate(bundle_dir: Path, state_dir: Path, users: DeviceUsers) -> SeparatedLauncher:

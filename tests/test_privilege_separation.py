@@ -488,6 +488,31 @@ def test_an_unprivileged_agent_refuses_production_images_unless_told_to_accept(
     assert "not in any loaded code artifact" in accepted.stderr
 
 
+def _others_cannot_run(python: Path) -> bool:
+    return any(not p.stat().st_mode & stat.S_IXOTH for p in python.resolve().parents)
+
+
+@needs_root
+@pytest.mark.skipif(
+    not _others_cannot_run(Path(sys.executable)),
+    reason="needs a project interpreter that other users cannot run (as under /root)",
+)
+def test_as_root_an_installation_the_other_users_cannot_run_is_refused_before_any_change(
+    device_env: DeviceEnv,
+) -> None:
+    bundle_dir = device_env.bundles["dev-a"]
+    argv = cli(
+        *("enclave", "run", "vendor:echo", "1", "--bundle", str(bundle_dir)),
+        *("--image", str(device_env.images["debug"]), "--state", str(device_env.root / "st")),
+    )
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 3, done.stderr
+    assert len(errors) == 1 and "cannot use" in errors[0], errors
+    assert "--no-privilege-separation" in errors[0]
+    assert (bundle_dir / bundle.ROOT_SECRET_FILE).stat().st_uid == 0  # nothing was given away
+
+
 # -- giving the bundle away ---------------------------------------------------------------------
 
 
