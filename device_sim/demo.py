@@ -23,7 +23,7 @@ from typing import Any, TextIO
 
 from agent.enclave_source import write_enclave_source
 from device_sim.ports import free_port, wait_listening
-from provisioning.broker import find_mosquitto, write_broker_config
+from provisioning.broker import broker_user, find_mosquitto, scratch_state_dir
 from provisioning.build import build_enclave
 from provisioning.enroll import enroll_device
 from provisioning.home import DASHBOARD_CN, FleetHome, init_home
@@ -56,6 +56,7 @@ class Demo:
         self.mqtt: list[str] = []
         self.observer: MqttClient | None = None
         self.home: FleetHome | None = None
+        self.broker_state: Path | None = None
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -109,9 +110,13 @@ class Demo:
     def start_broker(self, home: FleetHome) -> int:
         port = free_port()
         try:
-            files = write_broker_config(home, port=port)
-            self.spawn("broker", [find_mosquitto(), "-c", str(files.config)])
-            kind = "Mosquitto (mutual TLS, per-device ACL)"
+            find_mosquitto()
+            broker_user()  # started by root without a `mosquitto` user: the embedded broker
+            self.broker_state = scratch_state_dir("strongroom-demo-broker-")
+            argv = ["--home", str(home.root), "--port", str(port)]
+            argv += ["--state-dir", str(self.broker_state)]  # the home is closed to its user
+            self.spawn("broker", _cli("--log-level", "warning", "broker", "run", *argv))
+            kind = "Mosquitto (mutual TLS, per-device ACL, the fleet CRL)"
         except EnvironmentFault:
             self.spawn(
                 "broker",
@@ -339,6 +344,8 @@ class Demo:
                 proc.kill()
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
+            if self.broker_state is not None:
+                shutil.rmtree(self.broker_state.parent, ignore_errors=True)
         self.say(
             "\nstopped cleanly" + (f"; everything is kept in {self.root}" if self.keep else "")
         )

@@ -23,6 +23,7 @@ import os
 import pwd
 import shutil
 import stat
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +116,16 @@ def default_state_dir(home: FleetHome, user: BrokerUser) -> Path:
     if user.is_current:
         return home.root / "broker"
     return STATE_ROOT / home.fleet_id
+
+
+def scratch_state_dir(prefix: str = "strongroom-broker-") -> Path:
+    """Where a throwaway broker (a demo, a simulation, a test) may keep its state: `state` in a
+    new directory under the system's temporary directory, which other users may pass through
+    (0711) but not list, since a temporary fleet home is closed to the broker's user. The
+    caller removes the parent when done."""
+    parent = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(parent, 0o711)  # noqa: S103 - search only, so the broker's user reaches `state`
+    return parent / "state"
 
 
 def write_broker_config(

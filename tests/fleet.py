@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import pytest
 
-from provisioning.broker import broker_user, find_mosquitto, prepare_state_dir
+from provisioning.broker import broker_user, find_mosquitto, prepare_state_dir, scratch_state_dir
 from provisioning.home import DASHBOARD_CN, FleetHome
 from strongroom import messages, topics
 from strongroom.ear import AttestationResult, verify_result
@@ -89,10 +89,8 @@ class Broker:
     @property
     def state_dir(self) -> Path:
         if self._state is None:
-            parent = Path(tempfile.mkdtemp(prefix=f"sr-broker{self.tag}-", dir="/tmp"))
-            os.chmod(parent, 0o711)  # noqa: S103 - search only: the broker's user reaches it
-            weakref.finalize(self, shutil.rmtree, parent, True)
-            self._state = parent / "state"
+            self._state = scratch_state_dir(f"sr-broker{self.tag}-")
+            weakref.finalize(self, shutil.rmtree, self._state.parent, True)
         return self._state
 
     @property
