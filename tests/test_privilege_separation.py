@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from typing import Any
 import pytest
 
 from agent.host import EnclaveHost, HostConfig
-from agent.launcher import SeparationError
+from agent.launcher import SeparatedLauncher, SeparationError, SeparationFault
 from agent.privsep import (
     AGENT_USER,
     ENCLAVE_USER,
@@ -511,6 +512,38 @@ def test_as_root_an_installation_the_other_users_cannot_run_is_refused_before_an
     assert len(errors) == 1 and "cannot use" in errors[0], errors
     assert "--no-privilege-separation" in errors[0]
     assert (bundle_dir / bundle.ROOT_SECRET_FILE).stat().st_uid == 0  # nothing was given away
+
+
+@needs_root
+def test_the_launcher_starts_no_enclave_for_the_host_and_stops_only_its_own_platforms(
+    device_env: DeviceEnv,
+) -> None:
+    """The host's channel to the root launcher, spoken to directly as a hostile host would."""
+    accounts = device_accounts()
+    platform_fd = os.open(device_env.bundles["dev-a"] / bundle.PLATFORM_DIR, os.O_RDONLY)
+    try:
+        p, e = accounts.platform, accounts.enclave
+        launcher = SeparatedLauncher.start(platform_fd, (p.uid, p.gid), (e.uid, e.gid))
+    finally:
+        os.close(platform_fd)
+    chan = launcher._chan  # the raw protocol is what is under test
+    ends = socket.socketpair()
+    try:
+        with pytest.raises(SeparationFault, match="no such platform"):
+            chan.request({"op": "stop_platform", "pid": 1, "grace": 0.0})
+        with (
+            (device_env.root / "not-a-socket").open("wb") as f,
+            pytest.raises(SeparationFault, match="must be sockets"),
+        ):
+            chan.request({"op": "start_platform"}, (f.fileno(), f.fileno()))
+        with pytest.raises(SeparationFault, match="unknown request 'start_enclave'"):
+            fds = (ends[0].fileno(), ends[1].fileno())
+            chan.request({"op": "start_enclave", "show_stderr": False}, fds)
+    finally:
+        for end in ends:
+            end.close()
+        launcher.close()
+    assert launcher._proc.returncode == 0  # it exited when its channel closed
 
 
 # -- giving the bundle away ---------------------------------------------------------------------
