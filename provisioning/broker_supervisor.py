@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import signal
 import subprocess
 from collections.abc import Callable
@@ -45,7 +46,7 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
     child = subprocess.Popen(
         [binary, "-c", str(files.config)],
         umask=0o077,
-        preexec_fn=_die_with(os.getpid()),  # noqa: PLW1509 - single-threaded here
+        preexec_fn=_child_setup(os.getpid()),  # noqa: PLW1509 - single-threaded here
         **as_user,
     )
     log.info("broker_started", pid=child.pid, user=user.name, state=str(files.state_dir))
@@ -103,14 +104,18 @@ def _stamp(home: FleetHome) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def _die_with(parent: int) -> Callable[[], None]:
-    """In the child before exec (after its uid changed, which would clear the setting): receive
-    SIGTERM when `broker run` dies, even by SIGKILL, so no broker is left holding the port."""
+def _child_setup(parent: int) -> Callable[[], None]:
+    """In the child before exec, after its uid changed (which would clear the setting): receive
+    SIGTERM when `broker run` dies, even by SIGKILL, so no broker is left holding the port; and
+    the open-file limit raised to its hard limit (one descriptor per connected device)."""
 
-    def set_parent_death_signal() -> None:
+    def setup() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # it died before the call
             os._exit(1)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    return set_parent_death_signal
+    return setup

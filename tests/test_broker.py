@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,3 +134,41 @@ def test_a_broker_started_by_root_serves_and_persists_as_its_unprivileged_user(
     saved = root_broker.data_dir / "mosquitto.db"
     wait_until(saved.exists, 10, "the saved database")
     assert saved.stat().st_uid == mosquitto
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+def test_broker_run_passes_sigterm_on_and_exits_with_mosquittos_status(
+    root_broker: Broker,
+) -> None:
+    root_broker.start()
+    pid = root_broker.mosquitto_pid()
+    proc = root_broker.proc
+    assert proc is not None
+    assert proc.stop() == 0  # SIGTERM: Mosquitto stops cleanly, broker run says so
+    assert not _running(pid)
+
+
+def test_no_broker_is_left_behind_when_broker_run_is_killed(root_broker: Broker) -> None:
+    root_broker.start()
+    pid = root_broker.mosquitto_pid()
+    proc = root_broker.proc
+    assert proc is not None
+    proc.p.kill()  # SIGKILL: no chance to pass anything on
+    proc.p.wait(10)
+    wait_until(lambda: not _running(pid), 10, "Mosquitto to follow its parent")
+
+
+def test_sighup_to_broker_run_hands_the_broker_the_crl_again(root_broker: Broker) -> None:
+    root_broker.start()
+    proc = root_broker.proc
+    assert proc is not None
+    proc.p.send_signal(signal.SIGHUP)
+    wait_until(lambda: '"crl_reloaded"' in proc.log(), 10, "a reload")
+    assert _running(root_broker.mosquitto_pid())
