@@ -70,7 +70,8 @@ def test_revoke_wipes_the_enclave_and_reinstate_needs_fresh_attestation(fleet: F
 def test_a_contraindicated_device_is_revoked_automatically(fleet: Fleet) -> None:
     fleet.set_policy('min_firmware = "1.0.0"', 'min_firmware = "2.0.0"')
     fleet.start()
-    fleet.enroll("old", firmware="1.5.0")
+    bundle = fleet.enroll("old", firmware="1.5.0")
+    reloads = _reloads(fleet.broker)
     fleet.agent("old")
     fleet.observer.wait_result("old", "contraindicated")
     wait_until(lambda: "revoked" in fleet.observer.states("old"), 20, "the enclave's confirmation")
@@ -78,6 +79,8 @@ def test_a_contraindicated_device_is_revoked_automatically(fleet: Fleet) -> None
     assert any(a.severity == "critical" and a.reason.startswith("revoked:") for a in alerts)
     record = json.loads((fleet.home.registry_dir / "old.json").read_text())
     assert record["status"] == "revoked"
+    _wait_reloaded(fleet.broker, reloads)  # the verifier put its certificate on hold
+    assert connect_once(fleet.broker.port, bundle).startswith("tls:")
 
 
 def test_a_forged_command_is_ignored_and_reported(fleet: Fleet) -> None:
