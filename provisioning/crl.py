@@ -96,12 +96,10 @@ def sync_device(home: FleetHome, device_id: str, now: dt.datetime | None = None)
                 wanted[serial] = ca.SUPERSEDED
             elif record is not None and record.status == _REVOKED:
                 wanted[serial] = ca.HOLD
-        entries = [e for e in crl.entries if e.serial not in ours]  # other devices' entries
-        entries += [
-            e for e in crl.entries if wanted.get(e.serial) == e.reason
-        ]  # kept with their dates
-        listed = {e.serial for e in entries}
-        entries += [ca.Revoked(s, now, r) for s, r in wanted.items() if s not in listed]
+        others = [e for e in crl.entries if e.serial not in ours]
+        kept = [e for e in crl.entries if wanted.get(e.serial) == e.reason]  # with their dates
+        new = [ca.Revoked(s, now, r) for s, r in wanted.items() if crl.reason(s) != r]
+        entries = others + kept + new
         if {(e.serial, e.reason) for e in entries} == {(e.serial, e.reason) for e in crl.entries}:
             return False
         write_atomic(
