@@ -139,12 +139,17 @@ class VirtualDevice:
 
     # -- life ---------------------------------------------------------------------------------
 
-    async def run(self) -> DeviceReport:
+    async def run(self, started: Callable[[], None] | None = None) -> DeviceReport:
+        """Start the enclave, call `started` (whether it started or was refused), then play the
+        scenario until told to stop."""
         try:
             await self.attester.start()
         except StrongroomError as e:
             self.report.local_refusals.append((time.time(), str(e)[:200]))
             return self.report
+        finally:
+            if started is not None:
+                started()
         try:
             await self._behave()
         finally:

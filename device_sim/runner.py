@@ -33,6 +33,7 @@ from strongroom.fsutil import write_atomic
 
 log = structlog.get_logger()
 STOP_GRACE_S = 20.0  # devices have this long to disconnect cleanly once told to stop
+STARTUP_LIMIT_S = 300.0  # the run starts without the devices whose enclaves are not up by then
 OBSERVER_INSTANCE = 8  # the read-only identity `_dashboard-8` is the simulator's
 
 
@@ -101,19 +102,27 @@ class Services:
 # -- workers -----------------------------------------------------------------------------------
 
 
-def _worker(home: str, specs: list[DeviceSpec], ramp_s: float, stop: Any, out: Any) -> None:
+def _worker(  # noqa: PLR0917 - a process's arguments, passed once
+    home: str, specs: list[DeviceSpec], ramp_s: float, stop: Any, out: Any, up: Any
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     raise_fd_limit()
-    reports = asyncio.run(_run_devices(Path(home), specs, ramp_s, stop))
+    reports = asyncio.run(_run_devices(Path(home), specs, ramp_s, stop, up))
     out.put([r.to_json_dict() for r in reports])
 
 
 async def _run_devices(
-    home: Path, specs: list[DeviceSpec], ramp_s: float, stop: Any
+    home: Path, specs: list[DeviceSpec], ramp_s: float, stop: Any, up: Any
 ) -> list[DeviceReport]:
+    """Run `specs` until `stop`; `up` (a shared counter) counts the devices whose enclave has
+    started (or was refused)."""
     kit = load_kit(home)
     stopped = asyncio.Event()
     devices = [VirtualDevice(kit, spec, stopped) for spec in specs]
+
+    def started() -> None:
+        with up.get_lock():
+            up.value += 1
 
     async def watch_stop() -> None:
         while not stop.is_set():
@@ -122,7 +131,7 @@ async def _run_devices(
 
     async def start(i: int, device: VirtualDevice) -> DeviceReport:
         await asyncio.sleep(ramp_s * i / max(1, len(devices)))
-        return await device.run()
+        return await device.run(started)
 
     tasks = [asyncio.ensure_future(start(i, d)) for i, d in enumerate(devices)]
     await watch_stop()
@@ -223,6 +232,23 @@ async def _collect(queue: Any, procs: list[Any]) -> list[DeviceReport]:
     return reports
 
 
+async def _fleet_up(up: Any, n: int, procs: list[Any], ctrl_c: asyncio.Event, out: Any) -> None:
+    """Wait until every device's enclave is up (or refused) before the run's clock starts: on a
+    loaded machine starting enclave processes can take longer than a short run, whose scenarios
+    (offline, broker-restart) are timed from its start."""
+    deadline = time.monotonic() + STARTUP_LIMIT_S
+    last_note = 0.0
+    while up.value < n and time.monotonic() < deadline and not ctrl_c.is_set():
+        if not any(p.is_alive() for p in procs):
+            break
+        if time.monotonic() - last_note >= 5:
+            print(f"starting: {up.value}/{n} devices up", file=out, flush=True)
+            last_note = time.monotonic()
+        await asyncio.sleep(0.1)
+    if up.value < n:
+        print(f"starting: only {up.value}/{n} devices up; running anyway", file=out, flush=True)
+
+
 async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     config: SimConfig,
     kit: Kit,
@@ -237,11 +263,11 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     observer = asyncio.ensure_future(_observe(kit, port, fleet, stop_observer))
     await asyncio.sleep(1.0)
     ctx = mp.get_context("spawn")
-    stop, queue = ctx.Event(), ctx.Queue()
+    stop, queue, up = ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
     ramp = min(30.0, len(specs) / 200)  # TLS handshakes spread over the first seconds
     chunks = [specs[i :: config.workers] for i in range(config.workers)]
     procs = [
-        ctx.Process(target=_worker, args=(str(config.home), chunk, ramp, stop, queue))
+        ctx.Process(target=_worker, args=(str(config.home), chunk, ramp, stop, queue, up))
         for chunk in chunks
         if chunk
     ]
@@ -250,6 +276,7 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     ctrl_c = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, ctrl_c.set)
+    await _fleet_up(up, len(specs), procs, ctrl_c, out)
     started, restarted, last_note = time.time(), False, 0.0
     fleet.started_at = started
     total = config.duration_s + ramp

@@ -44,7 +44,7 @@ class FleetLog:
 
 def judge(r: DeviceReport, log: FleetLog) -> tuple[str, float | None]:  # noqa: PLR0911 - one per verdict
     """The observed verdict and when it was first visible."""
-    results = sorted(log.results.get(r.device_id, []))
+    results = _during_run(log, r.device_id)
     if r.denied and r.device_id not in log.forged_status_seen:
         return sc.DENIED, r.attack_at
     if r.local_refusals:
@@ -71,6 +71,19 @@ def judge(r: DeviceReport, log: FleetLog) -> tuple[str, float | None]:  # noqa: 
     return "none", None
 
 
+def _during_run(log: FleetLog, device_id: str) -> list[tuple[float, str, str]]:
+    """A device's results in time order, but for stale ones after the run's end: devices stop
+    attesting then, and the verifier goes on judging them (while the devices' reports come in)."""
+    results = sorted(log.results.get(device_id, []))
+    if not log.ended_at:
+        return results
+    return [(t, s, why) for t, s, why in results if t <= log.ended_at or not _is_stale(s, why)]
+
+
+def _is_stale(status: str, why: str) -> bool:
+    return status == "none" and "stale" in why
+
+
 def _offline(
     r: DeviceReport, results: list[tuple[float, str, str]], ended_at: float
 ) -> tuple[str, float | None]:
@@ -89,7 +102,7 @@ def _offline_judged(
     (short_from, short_to), (long_from, long_to) = r.offline[0], r.offline[1]
     if long_to >= ended_at:
         return sc.SKIPPED, None, "the run ended while it was away beyond the grace"
-    stale = [t for t, s, why in results if s == "none" and "stale" in why]
+    stale = [t for t, s, why in results if _is_stale(s, why)]
     stale_early = any(short_from <= t <= short_to + 0.5 for t in stale)
     stale_late = [t for t in stale if long_from <= t <= long_to + 1.0]
     back = any(t > long_to and s == "affirming" for t, s, _ in results)
@@ -105,7 +118,7 @@ def _offline_judged(
 
 def why_observed(r: DeviceReport, log: FleetLog) -> str:
     """What the fleet showed of a device, in a few words: why its verdict is what it is."""
-    results = sorted(log.results.get(r.device_id, []))
+    results = _during_run(log, r.device_id)
     missing = ""
     if r.scenario == "offline":
         missing = _offline_judged(r, results, log.ended_at)[2]

@@ -216,6 +216,16 @@ def test_a_run_too_short_for_the_offline_scenario_skips_it(
     assert offline_needs_s(30, 5) > 100  # such a run at the default policy, say
 
 
+def test_a_device_the_verifier_finds_stale_after_the_run_stopped_it_keeps_its_verdict() -> None:
+    report = DeviceReport("sim-00000", "healthy", "inline")
+    log = FleetLog(started_at=100.0, ended_at=200.0)
+    log.result("sim-00000", 198.0, "affirming", "", seq=9)
+    log.result("sim-00000", 204.0, "none", "stale: no evidence for more than 4 s")
+    assert judge(report, log) == (sc.AFFIRMING, 198.0)
+    log.result("sim-00000", 199.0, "none", "stale: no evidence for more than 4 s")  # in the run
+    assert judge(report, log)[0] == "none"
+
+
 def test_a_retained_result_received_again_after_a_reconnect_is_not_its_latency() -> None:
     report = DeviceReport("sim-00000", "healthy", "inline")
     report.sent = {1: 100.0}
