@@ -415,15 +415,15 @@ def test_thousands_of_devices_page_quickly() -> None:
         device = f"dev-{i:04d}"
         status = "contraindicated" if i % 100 == 0 else "affirming"
         view.apply(result_topic(device), token(device, status, seq=i), NOW)
-    started = time.perf_counter()
+    started = time.process_time()  # this process's CPU time: what other processes do is not counted
     page = fq.query(view, Query(sort="status", offset=0, limit=50))
     last = fq.query(view, Query(sort="device", offset=2950, limit=100))
-    elapsed = time.perf_counter() - started
+    elapsed = time.process_time() - started
     assert page.matched == 3000 and len(page.rows) == 50
     assert {r.status for r in page.rows[:30]} == {"contraindicated"}
     assert len(last.rows) == 50 and last.rows[-1].device_id == "dev-2999"
     assert counted(view) == {"affirming": 2970, "contraindicated": 30}
-    assert elapsed < 2.0, elapsed  # two pages of 3,000 devices; generous for a loaded machine
+    assert elapsed < 2.0, elapsed  # two pages of 3,000 devices take about 0.1 s of CPU
 
 
 @pytest.mark.parametrize(
