@@ -409,7 +409,7 @@ def test_recv_with_a_timeout_gives_channel_closed_when_no_whole_frame_arrives(se
         started = time.monotonic()
         with pytest.raises(ChannelClosed, match="in time"):
             chan.recv(timeout=0.1)
-        assert time.monotonic() - started < 2
+        assert time.monotonic() - started < 10  # it gave up (0.1 s asked; slack for a loaded box)
 
 
 def test_a_timeout_mid_frame_never_lets_the_next_recv_parse_payload_bytes_as_a_frame() -> None:

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from provisioning.home import FleetHome, init_home
-from strongroom import topics
-from strongroom.mqtt import MqttClient
+from strongroom import messages, topics
+from strongroom.mqtt import Inbound, MqttClient, MqttSettings
 from tests.fleet import Broker, free_port, require_mosquitto
 from verifier.dashboard.feed import SUBSCRIPTIONS, FeedConfig, consumer_client
 
@@ -21,6 +21,39 @@ def _consumer(home: FleetHome, broker: Broker, instance: int) -> MqttClient:
     return client
 
 
+def _verifier(home: FleetHome, broker: Broker) -> MqttClient:
+    cn, cert, key = home.verifier_identity(1)
+    client = MqttClient(
+        MqttSettings(
+            "localhost",
+            broker.port,
+            home.ca_cert,
+            cert,
+            key,
+            cn,
+            session_expiry_s=0,
+            clean_start=True,
+        )
+    ).start()
+    client.wait_connected(10)
+    return client
+
+
+def _until_marker(client: MqttClient, marker: bytes, timeout: float = 20) -> list[Inbound]:
+    """What `client` receives up to the marker alert. The broker handles messages in order, so
+    anything it let through before the marker has arrived by then."""
+    got: list[Inbound] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = client.receive(0.2)
+        if msg is None:
+            continue
+        if msg.payload == marker:
+            return got
+        got.append(msg)
+    raise AssertionError("the marker alert never arrived")
+
+
 def test_dashboards_with_their_own_identities_stay_connected_together_and_only_read(
     tmp_path: Path,
 ) -> None:
@@ -28,17 +61,21 @@ def test_dashboards_with_their_own_identities_stay_connected_together_and_only_r
     home = init_home(tmp_path / "home")
     broker = Broker(home, free_port(), tmp_path)
     broker.start()
-    clients = []
+    clients: list[MqttClient] = []
     try:
         clients = [_consumer(home, broker, i) for i in (0, 1, 2)]
+        clients.append(_verifier(home, broker))
+        *dashboards, verifier = clients
         assert home.dashboard_identity(2)[0] == "_dashboard-2"
-        time.sleep(1.0)  # a take-over (same client id) would disconnect one of them by now
-        assert all(c.connected.is_set() for c in clients)
-        writer = clients[1]
+        writer = dashboards[1]
         writer.publish(topics.device_topic("cam-1", topics.RESULT), b"forged", retain=True)
-        writer.publish(topics.ALERTS, b"forged")
-        time.sleep(0.5)
-        assert clients[0].receive(0.2) is None  # the ACL dropped both
+        writer.publish(topics.ALERTS, b"forged", wait=True)  # the broker has handled both
+        marker = messages.Alert("warning", "cam-1", "marker", time.time()).encode()
+        verifier.publish(topics.ALERTS, marker, wait=True)
+        for dashboard in dashboards:  # each sees the marker and nothing before it
+            assert _until_marker(dashboard, marker) == []  # the ACL dropped both
+        # a take-over (two clients with one id) would have disconnected one of them by now: the
+        # broker does it when the second connects, before the marker was published
         assert all(c.connected.is_set() for c in clients)
     finally:
         for c in clients:
