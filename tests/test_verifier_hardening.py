@@ -226,3 +226,11 @@ def test_a_device_the_verifier_revokes_has_its_certificate_put_on_hold(rig: Rig)
     assert crl.read_crl(rig.home)[1].reason(serial) is None
     rig.verifier.revoke("cam-a", "contraindicated")
     assert crl.read_crl(rig.home)[1].reason(serial) == ca.HOLD
+
+
+def test_periodic_challenges_follow_the_policy_whatever_the_device_rate_limit(rig: Rig) -> None:
+    limits = rig.verifier.config.limits.challenges
+    for _ in range(int(limits.burst) * 3):  # the verifier's own challenges, at any pace
+        rig.verifier.challenge("cam-a")
+    assert len(rig.mqtt.on(topics.CHALLENGE)) == int(limits.burst) * 3
+    assert rig.verifier.counts.get("challenges_suppressed", 0) == 0

@@ -235,8 +235,11 @@ class Verifier:
         except MqttError as e:
             log.warning("reinstatement_not_announced", device=device_id, reason=str(e))
 
-    def challenge(self, device_id: str) -> None:
-        if not self._challenge_limit.allow(device_id, self.clock()):
+    def challenge(self, device_id: str, *, asked_by_device: bool = False) -> None:
+        """Send a challenge. One the device asked for (its `online` status) counts against its
+        challenge rate; the verifier's own (periodic, after a reinstatement, for an operator)
+        do not: they come at the policy's pace, whatever it is."""
+        if asked_by_device and not self._challenge_limit.allow(device_id, self.clock()):
             self._count("challenges_suppressed")
             self._flooding(device_id, "challenges")
             return
@@ -470,7 +473,7 @@ class Verifier:
             self._revocation_confirmed(device_id, status.command, retained=retained)
         elif status.state == "online" and not status.report:
             self.store.claim_challenge(device_id, self.clock(), 0.0)  # the next is an interval on
-            self.challenge(device_id)
+            self.challenge(device_id, asked_by_device=True)
 
     def _revocation_confirmed(self, device_id: str, nonce: bytes, *, retained: bool) -> None:
         """A device confirms a revoke: only one the verifier sent (its command's nonce), once."""
