@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections.abc import Mapping
@@ -100,60 +99,88 @@ KEY_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}", re.ASCII)
 
 # -- bounded CBOR decoding ------------------------------------------------------------------------
 
-_PLAIN = frozenset({str, bytes, int, float, bool, type(None)})
-
 
 def load_cbor(data: bytes, what: str, *, max_size: int, max_depth: int = 16, tags: Any = ()) -> Any:
     """Exactly one CBOR data item from `data`, as a tree of plain values, or FormatError.
 
-    Plain means maps, arrays, text, bytes, integers, floats, booleans and null: tags are refused
-    (except the outer ones listed in `tags`, which stay `cbor2.CBORTag`s for the caller to
-    unwrap), so are undefined and other simple values, and nesting deeper than `max_depth`.
-    The tree has at most one item per byte of `data`: an honest encoding cannot have more, and
-    shared references (tags 28/29), which could make a walk of a small input exponential, are
-    caught by that count. Trailing bytes are refused. Only FormatError leaves this function,
-    whatever cbor2 raises for malformed input.
+    Plain means maps, arrays, text, bytes, integers, floats, booleans and null, all of definite
+    length. The bytes are scanned before cbor2 sees them (`_scan`): tags are refused (except
+    bignums, tags 2 and 3 around a byte string, so that a schema can say the integer is out of
+    its range, and the outer tags listed in `tags`, which stay `cbor2.CBORTag`s), so are
+    undefined, other simple values, indefinite lengths and nesting deeper than `max_depth`. So
+    cbor2 never builds what a tag asks for: a decimal fraction or a regular expression of 16 KiB
+    costs it a second of CPU, shared references (tags 28 and 29) make a few hundred bytes a tree
+    of millions of items. Trailing bytes are refused. Only FormatError leaves this function,
+    whatever cbor2 raises.
     """
     if len(data) > max_size:
         raise FormatError(f"{what} is larger than {max_size} bytes")
-    stream = io.BytesIO(data)
-
-    def outer_tag_only(_decoder: Any, tag: cbor2.CBORTag) -> Any:
-        if tag.tag not in tags:
-            raise FormatError(f"{what} holds a CBOR tag, which is not allowed")
-        return tag
-
+    _scan(data, what, max_depth, tags)
     try:
-        obj = cbor2.CBORDecoder(stream, tag_hook=outer_tag_only, max_depth=max_depth).decode()
-    except FormatError:
-        raise
-    except Exception as e:  # cbor2 raises many types for malformed input (and RecursionError)
+        return cbor2.loads(data)
+    except Exception as e:  # cbor2 raises many types for malformed input (invalid UTF-8, ...)
         raise FormatError(f"{what} is not well-formed CBOR") from e
-    if stream.tell() != len(data):
-        raise FormatError(f"{what} has data after its end")
-    inner = obj
-    while isinstance(inner, cbor2.CBORTag) and inner.tag in tags:
-        inner = inner.value
-    _check_plain(inner, what, len(data))
-    return obj
 
 
-def _check_plain(obj: Any, what: str, budget: int) -> None:
-    stack, seen = [obj], 0
-    while stack:
-        item = stack.pop()
-        seen += 1
-        if seen > budget:
-            raise FormatError(f"{what} holds more items than its size allows (shared references)")
-        kind = type(item)
-        if kind is dict:
-            for key, value in item.items():
-                stack.append(key)
-                stack.append(value)
-        elif kind is list:
-            stack.extend(item)
-        elif kind not in _PLAIN:
-            raise FormatError(f"{what} holds a value of a type the format does not use")
+_SCALAR, _STRING, _ARRAY, _MAP, _TAG, _REFUSED = range(6)
+_BIGNUMS = (2, 3)  # integers beyond 64 bits: cheap to build, and refused by every field's range
+
+
+def _head_table() -> list[tuple[int, int, int]]:
+    """For each initial byte: what it starts, how many argument bytes follow, its argument."""
+    table = []
+    for head in range(256):
+        major, info = head >> 5, head & 0x1F
+        size = 1 << (info - 24) if 24 <= info <= 27 else 0
+        kind = (_SCALAR, _SCALAR, _STRING, _STRING, _ARRAY, _MAP, _TAG, _SCALAR)[major]
+        if info > 27 or (major == 7 and info not in (20, 21, 22, 25, 26, 27)):
+            kind = _REFUSED  # indefinite lengths, reserved codes, undefined and simple values
+        table.append((kind, size, info if info < 24 else 0))
+    return table
+
+
+_HEADS = _head_table()
+
+
+def _scan(data: bytes, what: str, max_depth: int, outer_tags: Any) -> None:
+    """Walk the item heads of `data`, skipping string contents: exactly one item, of the plain
+    types `load_cbor` accepts, nothing after it. Linear in the number of items, at most the
+    number of bytes (each item takes one at least)."""
+    end, pos, heads = len(data), 0, _HEADS
+    todo = [1]  # items still to read at each open level (a map counts keys and values)
+    outer = True  # nothing but allowed outer tags read yet
+    while todo:
+        if not todo[-1]:
+            todo.pop()
+            continue
+        todo[-1] -= 1
+        if pos >= end:
+            raise FormatError(f"{what} is truncated (not well-formed CBOR)")
+        kind, size, arg = heads[data[pos]]
+        pos += 1
+        if size:
+            arg = int.from_bytes(data[pos : pos + size], "big")
+            pos += size
+        if kind == _SCALAR:
+            pass
+        elif kind == _STRING:
+            pos += arg
+        elif kind == _TAG:
+            bignum = arg in _BIGNUMS and pos < end and data[pos] >> 5 == 2  # around a bstr
+            if not (bignum or (outer and arg in outer_tags)):
+                raise FormatError(f"{what} holds a CBOR tag, which is not allowed")
+            todo[-1] += 1  # the tagged item follows
+            continue
+        elif kind == _REFUSED:
+            raise FormatError(f"{what} holds an indefinite length or a CBOR simple value")
+        else:  # an array or a map
+            if len(todo) > max_depth:
+                raise FormatError(f"{what} nests deeper than {max_depth} levels")
+            todo.append(arg if kind == _ARRAY else 2 * arg)
+        outer = False
+    if pos != end:
+        message = "is truncated (not well-formed CBOR)" if pos > end else "has data after its end"
+        raise FormatError(f"{what} {message}")
 
 
 # -- declarative schemas --------------------------------------------------------------------------

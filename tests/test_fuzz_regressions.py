@@ -166,8 +166,26 @@ def test_shared_references_cannot_blow_up_a_result_into_its_consumers() -> None:
     payload = cbor2.dumps(claims)
     assert len(payload) < 1024
     token = cose.sign_payload(payload, VERIFIER_KEY, ear.VERIFIER_KID.encode())
-    with pytest.raises(FormatError, match="shared references"):
+    with pytest.raises(FormatError, match="CBOR tag"):
         ear.verify_result(token, VERIFIER_KEY.verify_key, now=NOW)
+
+
+@pytest.mark.parametrize(
+    "tagged",
+    [
+        b"\xc4\x82\x01\xc2\x59\xf0\x00" + b"\xff" * 0xF000,  # decimal fraction, 60 KiB mantissa
+        b"\xd8\x23\x79\xf0\x00" + b"(a*)*" * (0xF000 // 5) + b"a",  # regular expression
+    ],
+)
+def test_tags_are_refused_before_cbor2_builds_what_they_ask_for(tagged: bytes) -> None:
+    """cbor2 spent about a second of CPU on either before: one status per second from one
+    device would have kept a verifier busy."""
+    payload = b"\xa2" + cbor2.dumps("state") + cbor2.dumps("online") + cbor2.dumps("x") + tagged
+    assert len(payload) < messages.MAX_PAYLOAD
+    started = time.monotonic()
+    with pytest.raises(FormatError, match="CBOR tag"):
+        messages.Status.decode(payload)
+    assert time.monotonic() - started < 0.1
 
 
 def test_a_channel_frame_of_shared_references_is_refused_at_once() -> None:
@@ -176,22 +194,6 @@ def test_a_channel_frame_of_shared_references_is_refused_at_once() -> None:
     with pytest.raises(channel.ChannelError, match="shared references"):
         channel.decode(payload)  # was a walk of 32^4 items (and 32^6 would have been hours)
     assert time.monotonic() - started < 0.5
-
-
-@pytest.mark.parametrize(
-    ("msg", "schema"),
-    [
-        ({"op": "counter_advance", "name": "x", "value": 2**64}, {"name": str, "value": int}),
-        ({"op": "run", "timeout": math.inf}, {"timeout": float}),
-        ({"op": "run", "timeout": math.nan}, {"timeout": float}),
-        ({"op": "size", "size": True}, {"size": int}),
-    ],
-)
-def test_channel_numbers_out_of_64_bits_or_not_finite_are_refused(
-    msg: dict[str, Any], schema: dict[str, type]
-) -> None:
-    with pytest.raises(channel.ChannelError, match="wrong type or range"):
-        channel.check(channel.decode(channel.encode(msg)[4:]), schema)
 
 
 def test_a_signed_command_with_a_nan_time_or_an_integer_nonce_is_refused() -> None:
