@@ -8,7 +8,10 @@ implementation (the `cwt` library) is proven in the tests, both ways.
 Layout: tag 18 [protected = bstr .cbor {1: -8}, unprotected = {4: kid}, payload = bstr .cbor
 claims, signature = 64 bytes over Sig_structure ["Signature1", protected, h'', payload]]. A token
 may also arrive untagged or inside the CWT tag 61. Anything else (another algorithm, `crit`
-headers, trailing bytes, wrong types) is refused. Pure: bytes in, objects out.
+headers, trailing bytes, wrong types) is refused. Every part is decoded with the bounds of
+`strongroom.fields.load_cbor` (no other tags, bounded nesting and sizes), the signature is exactly
+64 bytes, and `exp` and `nbf` are finite times (docs/protocol.md, "Bounds"): a FormatError or a
+SignatureError, never another exception. Pure: bytes in, objects out.
 """
 
 from __future__ import annotations
