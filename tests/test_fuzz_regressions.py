@@ -178,14 +178,14 @@ def test_shared_references_cannot_blow_up_a_result_into_its_consumers() -> None:
     ],
 )
 def test_tags_are_refused_before_cbor2_builds_what_they_ask_for(tagged: bytes) -> None:
-    """cbor2 spent about a second of CPU on either before: one status per second from one
-    device would have kept a verifier busy."""
+    """cbor2 spent about a second of CPU on either before (and then ignored the unknown field):
+    one such status per second from one device would have kept a verifier busy."""
     payload = b"\xa2" + cbor2.dumps("state") + cbor2.dumps("online") + cbor2.dumps("x") + tagged
     assert len(payload) < messages.MAX_PAYLOAD
     started = time.monotonic()
     with pytest.raises(FormatError, match="CBOR tag"):
         messages.Status.decode(payload)
-    assert time.monotonic() - started < 0.1
+    assert time.monotonic() - started < 0.5  # it takes microseconds: room for a loaded machine
 
 
 def test_a_channel_frame_of_shared_references_is_refused_at_once() -> None:
