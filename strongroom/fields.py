@@ -92,7 +92,7 @@ def get_hex(doc: dict[str, Any], key: str, what: str, size: int) -> bytes:
 
 # Bounds shared by every wire format (docs/protocol.md, "Bounds").
 INT64_MAX = 2**63 - 1  # the state store keeps integers such as `seq` as signed 64-bit
-TIME_MAX = 2**40  # POSIX seconds: about 36,800 years; every time is finite and below this
+TIME_MAX = 2**40  # POSIX seconds (the year 36,812): every time is finite and below this
 MAX_EVIDENCE = 16 * 1024  # an EAT, on its own or inside a key request
 KEY_ID_RE = re.compile(r"[A-Za-z0-9]{1,64}", re.ASCII)
 
@@ -108,9 +108,9 @@ def load_cbor(data: bytes, what: str, *, max_size: int, max_depth: int = 16, tag
     bignums, tags 2 and 3 around a byte string, so that a schema can say the integer is out of
     its range, and the outer tags listed in `tags`, which stay `cbor2.CBORTag`s), so are
     undefined, other simple values, indefinite lengths and nesting deeper than `max_depth`. So
-    cbor2 never builds what a tag asks for: a decimal fraction or a regular expression of 16 KiB
-    costs it a second of CPU, shared references (tags 28 and 29) make a few hundred bytes a tree
-    of millions of items. Trailing bytes are refused. Only FormatError leaves this function,
+    cbor2 never builds what a tag asks for: a decimal fraction or a regular expression of 60 KiB
+    costs it about a second of CPU, shared references (tags 28 and 29) make a few hundred bytes a
+    tree of millions of items. Trailing bytes are refused. Only FormatError leaves this function,
     whatever cbor2 raises.
     """
     if len(data) > max_size:
