@@ -7,8 +7,9 @@ its state directory and to signal a process of the broker's user. The commands t
 verifier, `device revoke`/`reinstate`, `device enroll --force`, the dashboard) run as the fleet
 home's owner, which may be neither; `broker run` started the broker, so it can. It polls the
 CRL's directory entry (a stat every quarter second), checks a new CRL's signature, copies it and
-sends SIGHUP. SIGHUP sent to `broker run` itself does the same, SIGTERM and SIGINT are passed
-on, and it exits with Mosquitto's status. The child is started as the broker's user (so it never
+sends SIGHUP, once Mosquitto handles that signal (until then, early in its start, SIGHUP would kill
+it). SIGHUP sent to `broker run` itself does the same, SIGTERM and SIGINT are passed on, and it
+exits with Mosquitto's status. The child is started as the broker's user (so it never
 holds root, not even while it reads its configuration) and dies with its parent.
 """
 
@@ -20,6 +21,7 @@ import resource
 import signal
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -75,8 +77,8 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
                 return code if code >= 0 else 128 - code
             now = _stamp(home)
             if now != stamp or reload_requested:
-                stamp, reload_requested = now, False  # taken before the read: none is missed
-                _reload(home, files, child)
+                stamp = now  # taken before the read: no version is missed
+                reload_requested = not _reload(home, files, child)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -85,14 +87,30 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
             child.wait()
 
 
-def _reload(home: FleetHome, files: BrokerFiles, child: subprocess.Popen[bytes]) -> None:
+def _reload(home: FleetHome, files: BrokerFiles, child: subprocess.Popen[bytes]) -> bool:
+    """Hand Mosquitto the current CRL; False if it cannot take a SIGHUP yet (try again)."""
+    if not _handles(child.pid, signal.SIGHUP):  # starting: SIGHUP would still kill it
+        return False
     try:
         crl = stage_crl(home, files)
     except StrongroomError as e:  # the broker keeps the last list that verified
         log.error("crl_not_reloaded", reason=e.diagnostics())
-        return
+        return True
     child.send_signal(signal.SIGHUP)
     log.info("crl_reloaded", number=crl.number, entries=len(crl.entries))
+    return True
+
+
+def _handles(pid: int, signum: int) -> bool:
+    """Whether process `pid` has installed a handler for `signum` (its caught-signals mask)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    caught = next(
+        (line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0"
+    )
+    return bool(int(caught, 16) >> (signum - 1) & 1)
 
 
 def _stamp(home: FleetHome) -> tuple[int, int, int] | None:

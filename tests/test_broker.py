@@ -145,9 +145,12 @@ def _running(pid: int) -> bool:
 
 
 def test_broker_run_passes_sigterm_on_and_exits_with_mosquittos_status(
-    root_broker: Broker,
+    root_broker: Broker, tmp_path: Path
 ) -> None:
+    enroll_device(root_broker.home, "cam-1", tmp_path / "cam-1")
     root_broker.start()
+    # serving: past the start-up window where a SIGTERM kills it before it handles signals
+    assert connect_once(root_broker.port, tmp_path / "cam-1") == ACCEPTED
     pid = root_broker.mosquitto_pid()
     proc = root_broker.proc
     assert proc is not None
