@@ -76,6 +76,8 @@ log_dest stderr
 log_type error
 log_type warning
 log_type notice
+# "Reloading config." (each CRL handed over), saves, and protocol errors that cost a connection
+log_type information
 connection_messages true
 """
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,15 +118,15 @@ def test_a_forged_command_is_ignored_and_reported(fleet: Fleet) -> None:
 
 
 def _reloads(broker: Broker) -> int:
+    """How many times Mosquitto itself has reloaded (logged as it starts the reload, which ends
+    before it accepts another connection: it is single-threaded)."""
     assert broker.proc is not None
-    return broker.proc.log().count('"crl_reloaded"')
+    return broker.proc.log().count("Reloading config.")
 
 
-def _wait_reloaded(broker: Broker, before: int) -> float:
-    """Wait until `broker run` has handed the broker a newer CRL; the seconds it took."""
-    started = time.monotonic()
+def _wait_reloaded(broker: Broker, before: int) -> None:
+    """Wait until the broker has reloaded since `before` (a newer CRL handed over)."""
     wait_until(lambda: _reloads(broker) > before, 10, "the broker to reload the CRL")
-    return time.monotonic() - started
 
 
 @pytest.fixture
