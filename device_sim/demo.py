@@ -192,7 +192,8 @@ class Demo:
                         raise FormatError("the result names another device than its topic")
                     why = f": {'; '.join(r.reasons)}" if r.reasons else ""
                     self.say(f"  {device:8} result  {r.status:16} (signed by the verifier){why}")
-                    latest[device] = r.status
+                    if not (latest.get(device) == "revoked" and r.status == "contraindicated"):
+                        latest[device] = r.status  # a revoked device's results say so: revoked
                 elif leaf == topics.STATUS:
                     state = messages.Status.decode(msg.payload).state
                     if state == "revoked":
