@@ -8,6 +8,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from device_sim.device import DeviceReport, DeviceSpec, VirtualDevice, _tls_file
 from device_sim.kit import Kit, enroll, load_kit, open_kit, plan_fleet
 from device_sim.ports import free_port, wait_listening
 from device_sim.scorecard import FleetLog, offline_needs_s, scorecard, table
-from provisioning.broker import find_mosquitto, write_broker_config
+from provisioning.broker import find_mosquitto, scratch_state_dir
 from strongroom import messages, topics
 from strongroom.ear import verify_result
 from strongroom.errors import StrongroomError
@@ -67,16 +68,18 @@ class Services:
         self.port = free_port()
         self.broker: subprocess.Popen[bytes] | None = None
         self.verifier: subprocess.Popen[bytes] | None = None
+        self.broker_state: Path | None = None
 
     def start_broker(self) -> None:
-        files = write_broker_config(self.kit.home, port=self.port)
+        """`broker run`: Mosquitto as its own user, with the fleet CRL, its fd limit raised."""
+        find_mosquitto()  # a clear error rather than a broker that never listens
+        if self.broker_state is None:  # outside the home, which is closed to the broker's user
+            self.broker_state = scratch_state_dir("strongroom-sim-broker-")  # kept for restarts
         out = (self.logdir / "broker.log").open("ab")
-        self.broker = subprocess.Popen(
-            [find_mosquitto(), "-c", str(files.config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=raise_fd_limit,  # noqa: PLW1509 - no threads yet in the child
-        )
+        argv = [sys.executable, "-m", "strongroom.cli", "--log-level", "warning", "broker", "run"]
+        argv += ["--home", str(self.kit.home.root), "--port", str(self.port)]
+        argv += ["--state-dir", str(self.broker_state)]
+        self.broker = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
         wait_listening(self.port, 20, "the broker")
 
     def stop_broker(self) -> None:
@@ -97,6 +100,8 @@ class Services:
             self.verifier.send_signal(signal.SIGTERM)
             self.verifier.wait(15)
         self.stop_broker()
+        if self.broker_state is not None:
+            shutil.rmtree(self.broker_state.parent, ignore_errors=True)
 
 
 # -- workers -----------------------------------------------------------------------------------
