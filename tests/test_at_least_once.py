@@ -11,6 +11,7 @@ import math
 import random
 import sqlite3
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,22 @@ def _fleet(
     return home, bundles, evidence
 
 
+@pytest.fixture
+def started() -> Iterator[Callable[[Proc], Proc]]:
+    """Keeps the verifier processes a test starts, and stops them whatever happened."""
+    procs: list[Proc] = []
+
+    def keep(proc: Proc) -> Proc:
+        procs.append(proc)
+        return proc
+
+    yield keep
+    for proc in procs:
+        proc.stop()
+
+
 def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_twice(
-    tmp_path: Path,
+    tmp_path: Path, started: Callable[[Proc], Proc]
 ) -> None:
     require_mosquitto()
     home, bundles, evidence = _fleet(tmp_path)
@@ -86,7 +101,7 @@ def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_
     logs = tmp_path / "verifier.log"
     try:
         # its persistent session and subscriptions exist once it has accepted a first evidence
-        verifier = Proc(argv, logs)
+        verifier = started(Proc(argv, logs))
         first = bundle_client(broker.port, bundles["cam-0"], "cam-0")
         first.wait_connected(10)
 
@@ -115,14 +130,14 @@ def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_
         for _kill in range(KILLS):
             before = _total(db)
             target = min(total, before + rng.randint(1, total // KILLS))
-            verifier = Proc(argv, logs)
+            verifier = started(Proc(argv, logs))
             wait_until(lambda t=target: _total(db) >= t, 45, f"{target} evidence accepted")
             verifier.p.kill()  # SIGKILL: no clean-up, whatever it was doing
             verifier.stop()
             mid_drain += _total(db) < total
         assert mid_drain >= KILLS // 2, "the kills should mostly fall inside the drain"
 
-        verifier = Proc(argv, logs)
+        verifier = started(Proc(argv, logs))
         wait_until(lambda: _total(db) >= total, 60, "the whole backlog accepted")
         observer = Observer(home, broker.port).start()
         try:
@@ -144,7 +159,9 @@ def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_
         broker.stop()
 
 
-def test_a_retained_poison_is_cleared_and_stops_the_verifier_at_no_start(tmp_path: Path) -> None:
+def test_a_retained_poison_is_cleared_and_stops_the_verifier_at_no_start(
+    tmp_path: Path, started: Callable[[Proc], Proc]
+) -> None:
     require_mosquitto()
     home, bundles, evidence = _fleet(tmp_path, per_device=3)
     broker = Broker(home, free_port(), tmp_path)
@@ -158,7 +175,7 @@ def test_a_retained_poison_is_cleared_and_stops_the_verifier_at_no_start(tmp_pat
         attacker.publish(topics.device_topic("cam-0", topics.EVIDENCE), poison, retain=True)
         attacker.stop()
         for start in range(3):
-            verifier = Proc(argv, tmp_path / f"verifier-{start}.log")
+            verifier = started(Proc(argv, tmp_path / f"verifier-{start}.log"))
             client = bundle_client(broker.port, bundles["cam-1"], "cam-1")
             client.wait_connected(10)
             token = evidence["cam-1"][start]
