@@ -33,7 +33,7 @@ from provisioning import ca
 from provisioning.errors import NotAFleetHomeError
 from provisioning.policy_file import initial_policy
 from strongroom import canonical
-from strongroom.errors import EnvironmentFault, InputError
+from strongroom.errors import EnvironmentFault, FormatError, InputError
 from strongroom.fields import get_str
 from strongroom.fsutil import (
     PUBLIC_FILE,
@@ -139,7 +139,12 @@ class FleetHome:
         return ca.Issued(read_file(self.ca_key, "CA key"), read_file(self.ca_cert, "CA cert"))
 
     def load_policy(self) -> FleetPolicy:
-        return parse_policy(read_file(self.policy_path, "fleet policy").decode())
+        data = read_file(self.policy_path, "fleet policy")
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as e:
+            raise FormatError(f"{self.policy_path} is not UTF-8 text") from e
+        return parse_policy(text)
 
 
 def _write_issued(directory: Path, stem: str, issued: ca.Issued) -> None:

@@ -18,11 +18,15 @@ from cryptography.hazmat.primitives.asymmetric import x25519
 from pyhpke import AEADId, CipherSuite, KDFId, KEMId, KEMKey
 
 from strongroom.errors import FormatError, IntegrityError
+from strongroom.fields import Bytes, Map, Number, Time, load_cbor
 
 _SUITE = CipherSuite.new(KEMId.DHKEM_X25519_HKDF_SHA256, KDFId.HKDF_SHA256, AEADId.AES256_GCM)
 _INFO_DOMAIN = b"strongroom/key-release/v1\x00"
 ENC_SIZE = 32
 PUBLIC_KEY_SIZE = 32
+# the HPKE plaintext: the data key and its lease (only the verifier can make one, but it is parsed
+# as strictly as anything else: bytes where bytes belong, finite times)
+_PAYLOAD = Map({"key": Bytes.exactly(32), "until": Time(), "grace": Number(0, 2**40)})
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,11 @@ def unwrap_key(
     except Exception as e:  # pyhpke raises its own OpenError/ValueError family
         raise IntegrityError("wrapped key does not open for this enclave") from e
     try:
-        doc = cbor2.loads(plaintext)
+        doc = _PAYLOAD.check(load_cbor(bytes(plaintext), "wrapped key", max_size=1024), "payload")
         key = bytearray(doc["key"])
         lease = Lease(float(doc["until"]), float(doc["grace"]))
-    except Exception as e:  # authenticated but malformed: refused all the same
-        raise FormatError("wrapped key has a malformed payload") from e
+    except FormatError as e:  # authenticated but malformed: refused all the same
+        raise FormatError(f"wrapped key has a malformed payload: {e}") from e
     finally:
         plaintext[:] = bytes(len(plaintext))
     return key, lease

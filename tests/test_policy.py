@@ -198,3 +198,12 @@ def test_an_edit_that_would_make_the_policy_invalid_is_not_written(policy_path: 
     with pytest.raises(FormatError):
         add_artifact_reference(policy_path, ArtifactReference("Not A Name", 1, SHA256, "model"))
     assert policy_path.read_bytes() == before
+
+
+def test_a_policy_file_that_is_not_utf8_is_a_format_error(tmp_path: Path) -> None:
+    from provisioning.home import init_home  # noqa: PLC0415 - the fleet side
+
+    home = init_home(tmp_path / "home")
+    home.policy_path.write_bytes(b"version = 1\n\xff\xfe")
+    with pytest.raises(FormatError, match="not UTF-8"):
+        home.load_policy()
