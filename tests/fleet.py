@@ -247,6 +247,19 @@ def bundle_client(
     ).start()
 
 
+def verifier_client(home: FleetHome, port: int, instance: int = 1) -> MqttClient:
+    """A started, connected client with a numbered verifier identity, keeping no session: what
+    may publish results (tests forge them with it)."""
+    cn, cert, key = home.verifier_identity(instance)
+    client = MqttClient(
+        MqttSettings(
+            "localhost", port, home.ca_cert, cert, key, cn, session_expiry_s=0, clean_start=True
+        )
+    ).start()
+    client.wait_connected(10)
+    return client
+
+
 def short_socket_dir() -> Path:
     """Unix socket paths are limited to ~100 bytes; pytest's tmp paths can be longer."""
     return Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))

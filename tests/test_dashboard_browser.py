@@ -27,10 +27,9 @@ from playwright.sync_api import Locator, Page, expect, sync_playwright
 from provisioning.registry import Registry
 from strongroom import topics
 from strongroom.ear import AttestationResult, sign_result
-from strongroom.mqtt import MqttClient, MqttSettings
 from strongroom.signing import SigningKey
 from tests.conftest import RunCli
-from tests.fleet import Fleet, Proc, cli, free_port, wait_until
+from tests.fleet import Fleet, Proc, cli, free_port, verifier_client, wait_until
 from verifier.audit import AuditLog
 from verifier.operator import audit_path
 from verifier.service import verifier_db_path
@@ -261,21 +260,8 @@ def test_status_json_matches_the_verifier_state(site: Site, run_cli: RunCli) -> 
 
 def test_a_forged_result_is_shown_as_unverified(site: Site) -> None:
     home = site.fleet.home
-    cn, cert, key = home.verifier_identity(1)  # a verifier identity, the wrong signing key
-    forger = MqttClient(
-        MqttSettings(
-            "localhost",
-            site.fleet.broker.port,
-            home.ca_cert,
-            cert,
-            key,
-            cn,
-            session_expiry_s=0,
-            clean_start=True,
-        )
-    ).start()
+    forger = verifier_client(home, site.fleet.broker.port)  # the wrong signing key
     try:
-        forger.wait_connected(10)
         forged = AttestationResult(
             "cam-2", "affirming", {"hardware": 2}, (), "policy:v99", 2_000_000_000, {}
         )

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from provisioning.home import FleetHome, init_home
 from strongroom import messages, topics
-from strongroom.mqtt import Inbound, MqttClient, MqttSettings
-from tests.fleet import Broker, free_port, require_mosquitto
+from strongroom.mqtt import Inbound, MqttClient
+from tests.fleet import Broker, free_port, require_mosquitto, verifier_client
 from verifier.dashboard.feed import SUBSCRIPTIONS, FeedConfig, consumer_client
 
 
@@ -22,21 +22,7 @@ def _consumer(home: FleetHome, broker: Broker, instance: int) -> MqttClient:
 
 
 def _verifier(home: FleetHome, broker: Broker) -> MqttClient:
-    cn, cert, key = home.verifier_identity(1)
-    client = MqttClient(
-        MqttSettings(
-            "localhost",
-            broker.port,
-            home.ca_cert,
-            cert,
-            key,
-            cn,
-            session_expiry_s=0,
-            clean_start=True,
-        )
-    ).start()
-    client.wait_connected(10)
-    return client
+    return verifier_client(home, broker.port)
 
 
 def _until_marker(client: MqttClient, marker: bytes, timeout: float = 20) -> list[Inbound]:

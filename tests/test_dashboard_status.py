@@ -21,10 +21,10 @@ from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome, init_home
 from strongroom import topics
 from strongroom.ear import AttestationResult, sign_result
-from strongroom.mqtt import MqttClient, MqttSettings
+from strongroom.mqtt import MqttClient
 from strongroom.signing import SigningKey
 from tests.conftest import RunCli
-from tests.fleet import Broker, cli, free_port, require_mosquitto
+from tests.fleet import Broker, cli, free_port, require_mosquitto, verifier_client
 
 TOPIC = topics.device_topic("cam-1", topics.RESULT)
 SPOILED: dict[str, Callable[[bytes], bytes]] = {
@@ -67,25 +67,16 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     enroll_device(home, "cam-1", tmp_path / "cam-1")
     broker = Broker(home, free_port(), tmp_path)
     broker.start()
-    cn, cert, key = home.verifier_identity(1)
-    writer = MqttClient(
-        MqttSettings(
-            "localhost",
-            broker.port,
-            home.ca_cert,
-            cert,
-            key,
-            cn,
-            session_expiry_s=0,
-            clean_start=True,
-        )
-    ).start()
     try:
-        writer.wait_connected(10)
-        signing = SigningKey.from_pem((home.root / "verifier" / "result-signing.key").read_bytes())
-        yield Rig(home, broker, writer, signing)
+        writer = verifier_client(home, broker.port)
+        try:
+            signing = SigningKey.from_pem(
+                (home.root / "verifier" / "result-signing.key").read_bytes()
+            )
+            yield Rig(home, broker, writer, signing)
+        finally:
+            writer.stop()
     finally:
-        writer.stop()
         broker.stop()
 
 
