@@ -24,6 +24,7 @@ import sys
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type] # as in agent.platform_main
 
 import contextlib
+import math
 import os
 import socket
 import stat
@@ -190,7 +191,8 @@ class PrivilegedLauncher:
                         reply = self.start_enclave(record, msg, fds)
                     elif msg["op"] == "stop_enclave":
                         check(msg, {"pid": int, "grace": float})
-                        code = record.stop_enclave(min(max(msg["grace"], 0.0), MAX_GRACE_S))
+                        grace = msg["grace"] if math.isfinite(msg["grace"]) else 0.0
+                        code = record.stop_enclave(min(max(grace, 0.0), MAX_GRACE_S))
                         reply = {"op": "stopped", "pid": msg["pid"], "returncode": code}
                     else:
                         reply = {"op": "error", "reason": f"unknown request {msg['op'][:40]!r}"}
