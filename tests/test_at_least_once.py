@@ -39,7 +39,8 @@ pytestmark = pytest.mark.integration
 
 DEVICES = 4
 PER_DEVICE = 250
-KILLS = 8
+KILL_STEP = 60  # at most this many more evidence accepted before the next kill is due
+MAX_KILLS = 25
 
 
 def _accepted(db: Path) -> dict[str, tuple[int, int]]:
@@ -56,6 +57,18 @@ def _accepted(db: Path) -> dict[str, tuple[int, int]]:
 
 def _total(db: Path) -> int:
     return sum(a for a, _s in _accepted(db).values())
+
+
+def _kill_once_accepted(proc: Proc, db: Path, target: int) -> None:
+    """SIGKILL the verifier as soon as `target` evidence are accepted (polled every 5 ms: the
+    kill lands within a batch or two of it)."""
+    deadline = time.monotonic() + 45
+    while _total(db) < target:
+        assert time.monotonic() < deadline, f"timed out waiting for {target} evidence accepted"
+        assert proc.p.poll() is None, proc.log()
+        time.sleep(0.005)
+    proc.p.kill()
+    proc.stop()
 
 
 def _fleet(
@@ -126,19 +139,24 @@ def test_killing_the_verifier_during_a_drain_loses_no_evidence_and_accepts_none_
             client.stop()
 
         rng = random.Random(13)
-        mid_drain = 0
-        for _kill in range(KILLS):
-            before = _total(db)
-            target = min(total, before + rng.randint(1, total // KILLS))
+        kills = mid_drain = 0
+        while _total(db) < total and kills < MAX_KILLS:
+            target = min(total, _total(db) + rng.randint(1, KILL_STEP))
             verifier = started(Proc(argv, logs))
-            wait_until(lambda t=target: _total(db) >= t, 45, f"{target} evidence accepted")
-            verifier.p.kill()  # SIGKILL: no clean-up, whatever it was doing
-            verifier.stop()
+            _kill_once_accepted(verifier, db, target)  # SIGKILL: no clean-up, whatever it did
+            kills += 1
             mid_drain += _total(db) < total
-        assert mid_drain >= KILLS // 2, "the kills should mostly fall inside the drain"
+        assert mid_drain >= 3, "the kills should fall inside the drain"
 
+        connections = verifier.log().count('"broker_connected"')
         verifier = started(Proc(argv, logs))
-        wait_until(lambda: _total(db) >= total, 60, "the whole backlog accepted")
+        wait_until(  # the last start drains the rest, if any, and is up before it is stopped
+            lambda: (
+                verifier.log().count('"broker_connected"') > connections and _total(db) >= total
+            ),
+            60,
+            "the whole backlog accepted",
+        )
         observer = Observer(home, broker.port).start()
         try:
             for device_id in bundles:  # every retained result names the device's last evidence
