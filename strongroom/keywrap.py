@@ -46,7 +46,10 @@ def wrap_key(
     if len(recipient) != PUBLIC_KEY_SIZE:
         raise FormatError("an enclave public key has 32 bytes")
     pk = KEMKey.from_pyca_cryptography_key(x25519.X25519PublicKey.from_public_bytes(recipient))
-    enc, ctx = _SUITE.create_sender_context(pk, _INFO_DOMAIN + key_id.encode())
+    try:
+        enc, ctx = _SUITE.create_sender_context(pk, _INFO_DOMAIN + key_id.encode())
+    except ValueError as e:  # a low-order point (all zeros, ...): no shared secret to be had
+        raise FormatError("the enclave public key is not a usable X25519 key") from e
     plaintext = cbor2.dumps({"key": bytes(data_key), "until": lease.until, "grace": lease.grace_s})
     return bytes(enc) + bytes(ctx.seal(plaintext, aad))
 

@@ -514,9 +514,11 @@ class MqttClient:
         """Acknowledge a message (with `manual_ack`, once what it caused is committed). One from
         an earlier connection is not acknowledged: the broker delivers it again on the resumed
         session, and its packet id may by now name another message."""
-        if not self.settings.manual_ack or msg.qos == 0 or msg.session != self._session:
+        if not self.settings.manual_ack or msg.qos == 0:
             return
-        with self._lock:
+        with self._lock:  # the session changes under it (on_connect runs in paho's calls)
+            if msg.session != self._session:
+                return
             rc = self._client.ack(msg.mid, msg.qos)
         self._wake()
         if rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):

@@ -57,3 +57,9 @@ def test_an_authenticated_but_malformed_payload_is_a_format_error(payload: Any) 
     private, public = _recipient()
     with pytest.raises(FormatError):
         keywrap.unwrap_key(private, _sealed(public, payload), key_id="k1", aad=AAD)
+
+
+def test_a_key_cannot_be_wrapped_to_a_low_order_point() -> None:
+    lease = keywrap.Lease(1_900_000_000.0, 3600.0)
+    with pytest.raises(FormatError, match="not a usable X25519 key"):
+        keywrap.wrap_key(bytes(32), bytes(32), lease, key_id="k1", aad=AAD)

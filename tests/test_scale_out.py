@@ -222,3 +222,19 @@ def test_two_verifiers_on_a_shared_subscription_appraise_each_evidence_once(
     finally:
         for v in verifiers:
             v.stop()
+
+
+def test_a_store_whose_connection_the_server_dropped_connects_again(pg_schema: str) -> None:
+    """A PostgreSQL restart or network fault: the failed call raises a transient error (the
+    verifier keeps its batch), and the next one reaches the server afresh."""
+    store = PostgresStore(PG_URL, pg_schema)
+    store.sync_devices([_device("cam-1")])
+    pid = store._db.info.backend_pid
+    with psycopg.connect(PG_URL, autocommit=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(store.transient_errors):
+        store.issue_nonce("cam-1", os.urandom(32), time.time() + 60)
+    store.issue_nonce("cam-1", os.urandom(32), time.time() + 60)  # connected again
+    assert store._db.info.backend_pid != pid
+    assert store.last_seq("cam-1") == 0
+    store.close()

@@ -234,3 +234,41 @@ def test_periodic_challenges_follow_the_policy_whatever_the_device_rate_limit(ri
         rig.verifier.challenge("cam-a")
     assert len(rig.mqtt.on(topics.CHALLENGE)) == int(limits.burst) * 3
     assert rig.verifier.counts.get("challenges_suppressed", 0) == 0
+
+
+def test_a_devices_flood_cannot_silence_its_revocation_alert(rig: Rig) -> None:
+    junk = _evidence("cam-a", b"\xffjunk")
+    rig.verifier.handle_batch([junk] * 40)  # its warning alerts run out
+    assert rig.verifier.counts["alerts_suppressed"] > 0
+    rig.verifier.revoke("cam-a", "x" * 10_000)  # and a reason longer than an alert may carry
+    critical = [a for a in _alerts(rig) if a.severity == "critical"]
+    assert [a.device_id for a in critical] == ["cam-a"]
+    assert len(critical[0].reason) <= 1000
+
+
+def test_a_contraindicated_result_delivered_again_makes_sure_of_the_revocation(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dataclasses  # noqa: PLC0415
+
+    rig.verifier.policy = dataclasses.replace(rig.verifier.policy, min_firmware="99.0.0")
+    ev = rig.evidence("cam-a")
+    with monkeypatch.context() as m:  # committed, then a crash before the revocation was made
+        m.setattr(rig.verifier, "_appraised", lambda *_a: None)
+        rig.verifier.handle_batch([ev])
+    assert rig.verifier.devices["cam-a"].status == "active"
+    assert rig.mqtt.on(topics.COMMAND) == []
+    rig.verifier.handle_batch([ev])  # the broker delivers it again
+    assert rig.verifier.devices["cam-a"].status == "revoked"
+    assert len(rig.mqtt.on(topics.COMMAND)) == 1
+
+
+def test_only_evidence_and_key_requests_are_subscribed_with_retain_as_published(
+    rig: Rig,
+) -> None:
+    rig.verifier.run(stop=lambda: True)
+    assert rig.mqtt.subscribed == {
+        "fleet/+/evidence": True,
+        "fleet/+/keys/request": True,
+        "fleet/+/status": False,  # live status is retained by design: seen as live
+    }

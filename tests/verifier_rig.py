@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,8 @@ class Recorder:
     published: list[tuple[str, bytes, bool]] = field(default_factory=list)
     inbox: queue.Queue[Inbound] = field(default_factory=queue.Queue)
     acked: list[Inbound] = field(default_factory=list)
+    subscribed: dict[str, bool] = field(default_factory=dict)  # topic: retain as published
+    connected: threading.Event = field(default_factory=threading.Event)
     fail_on: str = ""  # publishing to a topic ending so raises MqttError (a broker gone away)
 
     def publish(
@@ -32,6 +35,12 @@ class Recorder:
         if self.fail_on and topic.endswith(self.fail_on):
             raise MqttError(f"not connected; cannot publish to {topic}")
         self.published.append((topic, payload, retain))
+
+    def subscribe(
+        self, topic: str, qos: int = 1, *, retain_as_published: bool = False
+    ) -> list[int]:
+        self.subscribed[topic] = retain_as_published
+        return [qos]
 
     def ack(self, msg: Inbound) -> None:
         self.acked.append(msg)

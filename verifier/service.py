@@ -54,11 +54,10 @@ TICK_S = 0.2
 BATCH_MAX = 64  # messages taken from the inbox at once (only what has already arrived)
 REGISTRY_RELOAD_S = 60.0  # a full re-read at least this often; changes are seen at once
 KEY_AAD_DOMAIN = b"strongroom/key-release/v1|"
+MAX_ALERT_REASON = 1000  # characters: within the Alert format's 4096 bytes, whatever the text
 RETRY_S = 1.0  # after the store could not commit a batch, this long until it is tried again
-NOT_RETAINED = (
-    topics.EVIDENCE,
-    topics.KEYS_REQUEST,
-)  # device topics whose retained copies we clear
+SUBSCRIBED = (topics.EVIDENCE, topics.KEYS_REQUEST, topics.STATUS)  # every device's
+NOT_RETAINED = (topics.EVIDENCE, topics.KEYS_REQUEST)  # retained copies ignored and cleared
 
 
 class Rejected(IntegrityError):
@@ -153,9 +152,9 @@ class Verifier:
         self._last_reload = self.clock()
 
     def subscriptions(self) -> list[str]:
-        leaves = (topics.EVIDENCE, topics.KEYS_REQUEST, topics.STATUS)
+        """The topic filters for SUBSCRIBED, in its order."""
         wrap = topics.shared if self.config.shared else (lambda t: t)
-        return [wrap(topics.any_device(leaf)) for leaf in leaves]
+        return [wrap(topics.any_device(leaf)) for leaf in SUBSCRIBED]
 
     # -- outputs -------------------------------------------------------------------------------
 
@@ -164,7 +163,7 @@ class Verifier:
 
     def alert(self, severity: str, device_id: str, reason: str) -> None:
         """Raise an alert about a device, within its alert rate (past it, one says it floods)."""
-        if not self._alert_limit.allow(device_id, self.clock()):
+        if severity != "critical" and not self._alert_limit.allow(device_id, self.clock()):
             self._count("alerts_suppressed")
             self._flooding(device_id, "alerts")
             return
@@ -178,6 +177,7 @@ class Verifier:
             self._publish_alert("warning", device_id, reason)
 
     def _publish_alert(self, severity: str, device_id: str, reason: str) -> None:
+        reason = reason[:MAX_ALERT_REASON]  # however many reasons a device's claims gave
         if severity == "critical":
             log.error("alert", severity=severity, device=device_id, reason=reason)
         else:
@@ -215,7 +215,10 @@ class Verifier:
     def _send_revoke(self, device_id: str, reason: str) -> None:
         self.alert("critical", device_id, f"revoked: {reason}")
         command = Command.revoke(device_id, reason, self.clock())
-        self.store.record_command(device_id, command.nonce, command.issued_at)
+        try:  # recorded first: the confirmation may come as soon as the command is out
+            self.store.record_command(device_id, command.nonce, command.issued_at)
+        except self.store.transient_errors as e:  # sent all the same; its confirmation is refused
+            log.error("revoke_not_recorded", device=device_id, reason=str(e)[:200])
         try:
             topic = topics.device_topic(device_id, topics.COMMAND)
             signed = sign_command(command, self._result_key)
@@ -339,9 +342,14 @@ class Verifier:
     def _publish_again(self, device_id: str) -> None:
         """A redelivery of the last evidence accepted from a device: perhaps its result never
         left (a crash after the commit, before the publish), so the stored result goes again
-        (retained: the same state, whoever saw it before). At the device's challenge rate."""
+        (retained: the same state, whoever saw it before), at the device's challenge rate; and
+        a contraindicated one's revocation is made sure of (it is done once per start)."""
         stored = self.store.result(device_id)
-        if stored is None or not self._challenge_limit.allow(device_id, self.clock()):
+        if stored is None:
+            return
+        if stored.status == "contraindicated":  # its revocation may not have been carried out
+            self.revoke(device_id, "contraindicated (evidence delivered again)")
+        if not self._challenge_limit.allow(device_id, self.clock()):
             return
         try:
             topic = topics.device_topic(device_id, topics.RESULT)
@@ -645,8 +653,9 @@ class Verifier:
                 log.warning("challenge_not_sent", device=device_id, reason=str(e))
 
     def run(self, stop: Callable[[], bool]) -> None:
-        for topic in self.subscriptions():
-            self.mqtt.subscribe(topic, retain_as_published=True)
+        for topic, leaf in zip(self.subscriptions(), SUBSCRIBED, strict=True):
+            # where a retained publish is wrong, it is seen as such as it happens (MQTT 5)
+            self.mqtt.subscribe(topic, retain_as_published=leaf in NOT_RETAINED)
         self._last_stale_check = self.clock()
         was_connected = self.mqtt.connected.is_set()
         last_tick = 0.0

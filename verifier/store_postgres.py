@@ -28,6 +28,7 @@ class PostgresStore(SqlStore):
     def __init__(self, url: str, schema: str = "strongroom") -> None:
         if not _SCHEMA_NAME.fullmatch(schema):
             raise InputError(f"invalid schema name {schema!r}")
+        self._url, self._schema = url, schema
         try:
             self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
         except psycopg.Error as e:
@@ -43,11 +44,21 @@ class PostgresStore(SqlStore):
             self._db.execute(POSTGRES.schema().encode())
             self._migrate()
 
+    def _connected(self) -> psycopg.Connection[Any]:
+        """The connection, made again if the server dropped it (a restart, a network fault):
+        the verifier retries a batch it could not commit, and each retry must reach the server
+        afresh. A failure raises OperationalError, which the verifier takes as transient."""
+        if self._db.closed or self._db.broken:
+            self._db.close()
+            self._db = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+            self._db.execute(f"SET search_path TO {self._schema}".encode())
+        return self._db
+
     def _execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self._db.execute(sql.encode(), params)  # our own SQL text, no user input
+        return self._connected().execute(sql.encode(), params)  # our own SQL text, no user input
 
     def _transaction(self) -> contextlib.AbstractContextManager[Any]:
-        return self._db.transaction()
+        return self._connected().transaction()
 
     def close(self) -> None:
         self._db.close()
