@@ -104,8 +104,8 @@ def _agent_run(args: argparse.Namespace) -> int:
     artifacts_dir = args.artifacts or args.bundle / "artifacts"
     artifacts = tuple(sorted(artifacts_dir.glob("*.sra"))) if artifacts_dir.is_dir() else ()
     state, socket_path = _agent_paths(args)
+    launcher = _separation(args, state)  # as root it makes the state directory, never via a link
     make_private_dir(state)
-    launcher = _separation(args, state)
     config = AgentConfig(
         bundle=args.bundle,
         broker_host=host,

@@ -5,9 +5,13 @@ enclave under system users of their own and then drops its own privileges.
   (the only reader of `BUNDLE/platform`) and the enclave's (vendor code, which must not read the
   platform's secrets either). Missing ones are created as system users without a home or a shell.
 - The bundle is given to them: `platform/` to the platform's user (directory 0700, files 0600),
-  everything else and the state directory to the agent's user. Ownership is changed through
-  descriptors opened without following links, and files with several links are left alone, so a
-  link planted in the bundle by the agent's user cannot turn root's `chown` against another file.
+  everything else and the state directory to the agent's user, except the bundle directory
+  itself, which becomes root's (0755): the agent's user could otherwise rename `platform/` and
+  put a decoy in its place, and the next start would give it the real one. Entries owned by the
+  platform's or the enclave's user are never given to the agent's, wherever they sit. Ownership
+  is changed through descriptors opened without following links, and files with several links
+  are left alone, so a link planted in the bundle by the agent's user cannot turn root's `chown`
+  (or `chmod`) against another file.
 - The privileged launcher (`agent.launcher_main`) starts with a descriptor of the platform
   directory; then this process becomes the agent's user for good (groups, gid, uid).
 
@@ -36,7 +40,6 @@ import agent
 import strongroom
 from agent.launcher import SeparatedLauncher, SeparationError, SeparationFault
 from strongroom import bundle
-from strongroom.fsutil import make_private_dir
 
 log = structlog.get_logger()
 
@@ -174,14 +177,34 @@ def _give_tree(
     dir_mode: int | None = None,
     file_mode: int | None = None,
     skip: frozenset[str] = frozenset(),
+    keep_uids: frozenset[int] = frozenset(),
 ) -> None:
     """Give the directory `dir_fd` and what it holds to `account`, never following a link."""
     os.fchown(dir_fd, account.uid, account.gid)
     if dir_mode is not None:
         os.fchmod(dir_fd, dir_mode)
+    _give_entries(
+        dir_fd, account, dir_mode=dir_mode, file_mode=file_mode, skip=skip, keep_uids=keep_uids
+    )
+
+
+def _give_entries(
+    dir_fd: int,
+    account: Account,
+    *,
+    dir_mode: int | None = None,
+    file_mode: int | None = None,
+    skip: frozenset[str] = frozenset(),
+    keep_uids: frozenset[int] = frozenset(),
+) -> None:
+    """Give what the directory `dir_fd` holds to `account` (not the directory itself). Entries
+    owned by `keep_uids` (another role's) are left alone, wherever they were moved to."""
     for name, st in _entries(dir_fd):
         if name in skip or not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             continue  # links, sockets (the local API's), fifos: left as they are
+        if st.st_uid in keep_uids:
+            log.warning("bundle_entry_left_alone", entry=name, reason="owned by another role")
+            continue
         flags = _NO_FOLLOW | (os.O_DIRECTORY if stat.S_ISDIR(st.st_mode) else 0)
         try:
             fd = os.open(name, flags, dir_fd=dir_fd)
@@ -189,8 +212,10 @@ def _give_tree(
             continue  # replaced meanwhile by a link or removed
         try:
             opened = os.fstat(fd)
+            if opened.st_uid in keep_uids:
+                continue  # swapped in meanwhile
             if stat.S_ISDIR(opened.st_mode):
-                _give_tree(fd, account, dir_mode=dir_mode, file_mode=file_mode)
+                _give_tree(fd, account, dir_mode=dir_mode, file_mode=file_mode, keep_uids=keep_uids)
             elif stat.S_ISREG(opened.st_mode) and opened.st_nlink == 1:
                 os.fchown(fd, account.uid, account.gid)
                 if file_mode is not None:
@@ -208,6 +233,20 @@ def _open_dir(path: Path) -> int:
         raise SeparationFault(f"cannot open {path}: {e.strerror}") from e
 
 
+def _open_dir_at(dir_fd: int, name: str) -> int:
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def _private_dir_as_root(path: Path) -> int:
+    """A descriptor of the directory at `path`, made if missing, mode 0700, never through a
+    link: as root, a link planted there by the agent's user must not redirect the chmod."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700, parents=True)
+    fd = _open_dir(path)  # O_NOFOLLOW: a link in its place is refused
+    os.fchmod(fd, 0o700)
+    return fd
+
+
 def prepare_bundle(bundle_dir: Path, state_dir: Path, accounts: Accounts) -> int:
     """Give `platform/` to the platform's user and the rest of the bundle and `state_dir` to the
     agent's user; return a descriptor of the platform directory (for the launcher)."""
@@ -218,21 +257,31 @@ def prepare_bundle(bundle_dir: Path, state_dir: Path, accounts: Accounts) -> int
             f"({blocked} is closed to it)",
             hint="keep the bundle where that user may pass (e.g. /var/lib/strongroom/DEVICE)",
         )
-    platform_fd = _open_dir(bundle_dir / bundle.PLATFORM_DIR)
+    others = frozenset({accounts.platform.uid, accounts.enclave.uid})
+    bundle_fd = _open_dir(bundle_dir)
+    try:  # first of all: the agent's user may no longer rename what the bundle holds
+        os.fchown(bundle_fd, 0, 0)
+        os.fchmod(bundle_fd, 0o755)
+        platform_fd = _open_dir_at(bundle_fd, bundle.PLATFORM_DIR)
+    except OSError as e:
+        os.close(bundle_fd)
+        raise SeparationFault(f"cannot take back the bundle directory: {e.strerror}") from e
     try:
         _give_tree(platform_fd, accounts.platform, dir_mode=0o700, file_mode=0o600)
-        bundle_fd = _open_dir(bundle_dir)
         try:
-            _give_tree(bundle_fd, accounts.agent, skip=frozenset({bundle.PLATFORM_DIR}))
+            _give_entries(  # the directory itself stays root's
+                bundle_fd, accounts.agent, skip=frozenset({bundle.PLATFORM_DIR}), keep_uids=others
+            )
         finally:
             os.close(bundle_fd)
         platform_dir = (bundle_dir / bundle.PLATFORM_DIR).resolve()
         if state_dir.resolve().is_relative_to(platform_dir):
             raise SeparationFault("the state directory cannot be inside the platform directory")
-        make_private_dir(state_dir)
-        state_fd = _open_dir(state_dir)
+        state_fd = _private_dir_as_root(state_dir)
         try:
-            _give_tree(state_fd, accounts.agent, skip=frozenset({bundle.PLATFORM_DIR}))
+            _give_tree(
+                state_fd, accounts.agent, skip=frozenset({bundle.PLATFORM_DIR}), keep_uids=others
+            )
         finally:
             os.close(state_fd)
         blocked = _unreachable(state_dir, accounts.agent, 0o7)

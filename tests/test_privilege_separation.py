@@ -570,3 +570,40 @@ def test_root_gives_the_bundle_away_without_following_links_planted_in_it(
         assert (bundle_dir / bundle.ROOT_SECRET_FILE).stat().st_uid == accounts.platform.uid
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@needs_root
+def test_the_agents_user_cannot_swap_the_platform_directory_for_a_decoy(
+    device_env: DeviceEnv,
+) -> None:
+    """Once given the bundle, could the agent's user rename `platform/` and put a decoy in its
+    place, the next start would give the decoy to the platform and the real secrets to the agent.
+    The bundle directory stays root's, and another role's entries are never given away."""
+    accounts = device_accounts()
+    root = _unprivileged_copy(device_env, None)
+    try:
+        bundle_dir = root / "bundle"
+        os.close(prepare_bundle(bundle_dir, bundle_dir / "state", accounts))
+        assert (bundle_dir.stat().st_uid, _mode(bundle_dir)) == (0, 0o755)
+        agent = Creds(accounts.agent.uid, accounts.agent.gid)
+        rename = "import os, sys; os.rename(sys.argv[1], sys.argv[2])"
+        moved = bundle_dir / "p2"
+        swap = subprocess.run(
+            as_user(
+                agent, ["/usr/bin/python3", "-c", rename, str(bundle_dir / "platform"), str(moved)]
+            ),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert swap.returncode != 0 and "PermissionError" in swap.stderr
+        # as if it had got there anyway (an older layout): the real one is left to the platform
+        os.rename(bundle_dir / bundle.PLATFORM_DIR, moved)
+        decoy = bundle_dir / bundle.PLATFORM_DIR
+        decoy.mkdir()
+        os.chown(decoy, accounts.agent.uid, accounts.agent.gid)
+        os.close(prepare_bundle(bundle_dir, bundle_dir / "state", accounts))
+        secret = moved / Path(bundle.ROOT_SECRET_FILE).name
+        assert (moved.stat().st_uid, secret.stat().st_uid) == (accounts.platform.uid,) * 2
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
