@@ -24,7 +24,7 @@ import pwd
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from provisioning import ca, crl
@@ -66,6 +66,7 @@ class BrokerFiles:
     data_dir: Path
     state_dir: Path
     user: BrokerUser
+    crl_version: tuple[int, int, int] | None = None  # of the fleet CRL staged (crl.version)
 
 
 def find_mosquitto() -> str:
@@ -172,9 +173,10 @@ def write_broker_config(
     dashboards = _instances(DASHBOARD_CN, MAX_DASHBOARD_INSTANCES)
     _write_as(user, files.acl, acl_text(verifiers, dashboards).encode(), SECRET_FILE)
     crl.ensure_crl(home)  # a fleet home made before there was a CRL
+    staged = crl.version(home)  # before the read: a change after it is seen by the supervisor
     stage_crl(home, files)
     _write_as(user, files.config, conf, SECRET_FILE)
-    return files
+    return replace(files, crl_version=staged)
 
 
 def stage_crl(home: FleetHome, files: BrokerFiles) -> ca.Crl:
@@ -224,13 +226,22 @@ def _searchable(directory: Path, user: BrokerUser) -> bool:
 
 
 def _make_dir(path: Path, user: BrokerUser) -> None:
+    """Create `path` (0700) for `user`, or take the one there, never through a link: it may sit
+    in a directory the broker's user writes, and root must not chmod or chown what a link
+    planted there points to."""
     try:
         path.mkdir(mode=PRIVATE_DIR, exist_ok=True)
-        os.chmod(path, PRIVATE_DIR)
-        if not user.is_current:
-            os.chown(path, user.uid, user.gid)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         raise EnvironmentFault(f"cannot create directory {path}: {e.strerror}") from e
+    try:
+        os.fchmod(fd, PRIVATE_DIR)
+        if not user.is_current:
+            os.fchown(fd, user.uid, user.gid)
+    except OSError as e:
+        raise EnvironmentFault(f"cannot create directory {path}: {e.strerror}") from e
+    finally:
+        os.close(fd)
 
 
 def _write_as(user: BrokerUser, path: Path, data: bytes, mode: int) -> None:

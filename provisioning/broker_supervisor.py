@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from provisioning import crl
 from provisioning.broker import BrokerFiles, find_mosquitto, stage_crl
 from provisioning.home import FleetHome
 from strongroom.errors import StrongroomError
@@ -44,7 +45,7 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
     if not user.is_current:  # started as root: the child changes uid before exec
         groups = [g for g in user.groups if g != user.gid]
         as_user = {"user": user.uid, "group": user.gid, "extra_groups": groups}
-    stamp = _stamp(home)
+    stamp = files.crl_version  # the version write_broker_config staged
     child = subprocess.Popen(
         [binary, "-c", str(files.config)],
         umask=0o077,
@@ -52,7 +53,7 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
         **as_user,
     )
     log.info("broker_started", pid=child.pid, user=user.name, state=str(files.state_dir))
-    reload_requested = False
+    reload_requested, failed = False, list[str]()
 
     def pass_on(signum: int, _frame: FrameType | None) -> None:
         if child.returncode is None:
@@ -75,27 +76,38 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
                 pass
             else:
                 return code if code >= 0 else 128 - code
-            now = _stamp(home)
+            now = crl.version(home)
             if now != stamp or reload_requested:
                 stamp = now  # taken before the read: no version is missed
-                reload_requested = not _reload(home, files, child)
+                reload_requested = not _reload(home, files, child, failed)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if child.poll() is None:  # we are leaving on an exception: do not leave it behind
             child.terminate()
-            child.wait()
+            try:
+                child.wait(10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
 
 
-def _reload(home: FleetHome, files: BrokerFiles, child: subprocess.Popen[bytes]) -> bool:
-    """Hand Mosquitto the current CRL; False if it cannot take a SIGHUP yet (try again)."""
+def _reload(
+    home: FleetHome, files: BrokerFiles, child: subprocess.Popen[bytes], failed: list[str]
+) -> bool:
+    """Hand Mosquitto the current CRL; False if it cannot take a SIGHUP yet or the CRL could not
+    be staged (try again). `failed` keeps the last staging error, logged once, not per poll."""
     if not _handles(child.pid, signal.SIGHUP):  # starting: SIGHUP would still kill it
         return False
     try:
         crl = stage_crl(home, files)
-    except StrongroomError as e:  # the broker keeps the last list that verified
-        log.error("crl_not_reloaded", reason=e.diagnostics())
-        return True
+    except StrongroomError as e:  # the broker keeps the last list that verified; again later
+        reason = e.diagnostics()
+        if failed != [reason]:
+            log.error("crl_not_reloaded", reason=reason)
+        failed[:] = [reason]
+        return False
+    failed.clear()
     child.send_signal(signal.SIGHUP)
     log.info("crl_reloaded", number=crl.number, entries=len(crl.entries))
     return True
@@ -111,15 +123,6 @@ def _handles(pid: int, signum: int) -> bool:
         (line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), "0"
     )
     return bool(int(caught, 16) >> (signum - 1) & 1)
-
-
-def _stamp(home: FleetHome) -> tuple[int, int, int] | None:
-    """Which version of the CRL is in place: it is replaced by rename, never edited."""
-    try:
-        st = os.stat(home.crl_path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 def _child_setup(parent: int) -> Callable[[], None]:

@@ -52,6 +52,16 @@ def _issued_dir(home: FleetHome, device_id: str) -> Path:
     return home.root / "ca" / "issued" / check_device_id(device_id)
 
 
+def version(home: FleetHome) -> tuple[int, int, int] | None:
+    """Which version of the CRL is in place (it is replaced by rename, never edited); None if
+    there is none. Taken before the CRL is read, it names a version no later than the one read."""
+    try:
+        st = os.stat(home.crl_path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def read_crl(home: FleetHome) -> tuple[bytes, ca.Crl]:
     """The CRL's bytes and its verified content; raise if it is missing, corrupt or foreign."""
     pem = read_file(home.crl_path, "fleet CRL", MAX_CRL_BYTES)

@@ -176,3 +176,20 @@ def test_sighup_to_broker_run_hands_the_broker_the_crl_again(root_broker: Broker
     wait_until(lambda: "Reloading config." in proc.log(), 10, "Mosquitto to reload")
     assert '"crl_reloaded"' in proc.log()
     assert _running(root_broker.mosquitto_pid())
+
+
+@as_root
+@pytest.mark.skipif(not _has_user("mosquitto"), reason="no mosquitto user")
+def test_a_link_the_broker_planted_in_its_state_directory_does_not_redirect_roots_chmod(
+    fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    place = Broker(fleet_home, 0, tmp_path)
+    files = write_broker_config(fleet_home, state_dir=place.state_dir)
+    target = tmp_path / "roots-own"
+    target.mkdir(mode=0o755)
+    files.data_dir.rmdir()
+    files.data_dir.symlink_to(target)  # what a compromised broker could leave for root
+    with pytest.raises(EnvironmentFault, match="cannot create directory"):
+        write_broker_config(fleet_home, state_dir=place.state_dir)
+    st = target.stat()
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o755)
