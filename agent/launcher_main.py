@@ -116,8 +116,8 @@ class PrivilegedLauncher:
             record = self.platforms.pop(msg["pid"], None)
         if record is None:
             return {"op": "error", "reason": "no such platform"}
-        grace = min(max(msg["grace"], 0.0), MAX_GRACE_S)
-        code = stop_process(record.proc, grace, terminate=False)
+        grace = msg["grace"] if math.isfinite(msg["grace"]) else 0.0
+        code = stop_process(record.proc, min(max(grace, 0.0), MAX_GRACE_S), terminate=False)
         record.stop_enclave()
         return {"op": "stopped", "pid": msg["pid"], "returncode": code}
 

@@ -160,6 +160,39 @@ def check_installation(accounts: Accounts) -> None:
                     hint="install Strongroom where system users can run it (e.g. a virtual "
                     "environment outside /root), or pass --no-privilege-separation",
                 )
+    writable = _writable_by_roles([path for path, _want in needs], accounts)
+    if writable is not None:
+        raise SeparationFault(
+            f"{writable} can be changed by a user of the device's roles: the code the platform "
+            "runs would be theirs to write",
+            hint="install Strongroom owned by root and not writable by others",
+        )
+
+
+def _writable_by_roles(paths: list[Path], accounts: Accounts) -> Path | None:
+    """The first file or directory of the installation (the interpreter, the packages and
+    every component above them) that one of the three users owns or may write, or None. The
+    launcher runs this code as the platform's user, and as root at the agent's next start."""
+    roles = (accounts.agent, accounts.platform, accounts.enclave)
+    uids, gids = {a.uid for a in roles}, {a.gid for a in roles}
+
+    def writable(st: os.stat_result) -> bool:
+        if stat.S_ISLNK(st.st_mode):
+            return st.st_uid in uids
+        other = st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX  # /tmp is fine
+        group = st.st_mode & stat.S_IWGRP and st.st_gid in gids
+        return st.st_uid in uids or bool(other) or bool(group)
+
+    for top in paths:
+        resolved = top.resolve()
+        for component in (*reversed(resolved.parents), resolved):
+            if writable(os.lstat(component)):
+                return component
+        if resolved.is_dir():
+            for entry in resolved.rglob("*"):
+                if writable(os.lstat(entry)):
+                    return entry
+    return None
 
 
 # -- the bundle's ownership ------------------------------------------------------------------------

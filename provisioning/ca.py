@@ -216,7 +216,10 @@ def read_crl(crl_pem: bytes, ca_cert_pem: bytes) -> Crl:
         crl = x509.load_pem_x509_crl(crl_pem)
     except ValueError as e:
         raise FormatError("the CRL is not a PEM certificate revocation list") from e
-    ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    try:
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
+    except ValueError as e:
+        raise FormatError("the fleet CA certificate is not a PEM certificate") from e
     public_key = ca_cert.public_key()
     if crl.issuer != ca_cert.subject or not isinstance(public_key, ec.EllipticCurvePublicKey):
         raise SignatureError("the CRL was not issued by this fleet's CA")

@@ -29,6 +29,7 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,6 +47,7 @@ log = structlog.get_logger()
 _FINAL = (ca.SUPERSEDED, ca.KEY_COMPROMISE)
 _REVOKED = "revoked"  # the registry status of a revoked device (verifier.operator.REVOKED)
 MAX_CRL_BYTES = 16 * 1024 * 1024
+LOCK_TIMEOUT_S = 10.0
 
 
 def _issued_dir(home: FleetHome, device_id: str) -> Path:
@@ -137,7 +139,18 @@ def _locked(home: FleetHome) -> Iterator[None]:
     except OSError as e:
         raise EnvironmentFault(f"cannot open {path}: {e.strerror}") from e
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:  # bounded: a stuck holder must not hang the verifier's revocations
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as e:
+                if time.monotonic() > deadline:
+                    raise EnvironmentFault(
+                        f"the CRL is locked by another process for over {LOCK_TIMEOUT_S:g} s",
+                        hint=f"check for a stuck strongroom command holding {path}",
+                    ) from e
+                time.sleep(0.02)
         yield
     finally:
         os.close(fd)

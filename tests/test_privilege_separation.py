@@ -607,3 +607,22 @@ def test_the_agents_user_cannot_swap_the_platform_directory_for_a_decoy(
         assert (moved.stat().st_uid, secret.stat().st_uid) == (accounts.platform.uid,) * 2
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@needs_root
+def test_an_installation_a_role_could_change_is_refused(tmp_path: Path) -> None:
+    """The launcher runs the installed code as the platform's user (and as root at the next
+    start): a file or directory of it that one of the roles may write is refused."""
+    from agent.privsep import _writable_by_roles  # noqa: PLC0415 - the check under test
+
+    accounts = device_accounts()
+    package = tmp_path / "site" / "strongroom"
+    package.mkdir(parents=True)
+    module = package / "platform_main.py"
+    module.write_text("")
+    assert _writable_by_roles([package], accounts) is None
+    os.chown(module, accounts.agent.uid, accounts.agent.gid)
+    assert _writable_by_roles([package], accounts) == module
+    os.chown(module, 0, 0)
+    package.chmod(0o777)
+    assert _writable_by_roles([package], accounts) == package
