@@ -132,11 +132,6 @@ class _BufferedPaho(paho.Client):
         self.room: Callable[[], bool] = lambda: True  # whether the owner can take a message
         self._wbuf: list[bytes] = []
 
-    def held_back(self) -> int:
-        """QoS 1 publishes paho holds back (past the in-flight limit), not yet written: paho's
-        own bookkeeping, pinned like the socket helpers by the version range in setup.cfg."""
-        return len(self._out_messages) - self._inflight_messages
-
     def buffered(self) -> bool:
         """Whether received bytes wait in memory (select() cannot see them)."""
         return self._rpos < len(self._rbuf)
@@ -514,25 +509,6 @@ class MqttClient:
             raise MqttError(f"publish to {topic} failed: {e}") from e
         if not info.is_published():
             raise MqttError(f"no acknowledgement for {topic} within {timeout:g} s")
-
-    def written(self, timeout: float) -> bool:
-        """Wait until every publish made so far has been written to the connection (none held
-        back past the in-flight limit, nothing left in the write buffer), pumping in driven
-        mode; False at the timeout. The verifier calls it before acknowledging what caused them."""
-
-        def done() -> bool:
-            with self._lock:
-                return self._client.held_back() == 0 and not self._client.want_write()
-
-        if self.driven:
-            return self._wait(done, timeout)
-        deadline = time.monotonic() + timeout
-        while not done():
-            if time.monotonic() > deadline:
-                return False
-            self._wake()
-            self._stop.wait(0.005)
-        return True
 
     def ack(self, msg: Inbound) -> None:
         """Acknowledge a message (with `manual_ack`, once what it caused is committed). One from

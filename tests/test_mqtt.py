@@ -164,32 +164,3 @@ def test_a_backlog_larger_than_the_inbox_arrives_whole(
         assert [m.payload for m in got] == sent
     finally:
         verifier.stop()
-
-
-def test_written_waits_until_publishes_held_back_past_the_in_flight_limit_are_out(
-    broker: Broker,
-) -> None:
-    """The verifier acknowledges a batch only once its results are on the wire: paho holds
-    publishes past its in-flight limit back, while acknowledgements would go out at once."""
-    home = broker.home
-    client = MqttClient(_verifier_settings(home, broker.port, max_inflight=10), driven=True)
-    client.start()
-    observer = Observer(home, broker.port).start()
-    try:
-        client.wait_connected(10)
-        for i in range(50):  # driven: nothing moves until the owner pumps
-            client.publish(topics.device_topic(f"cam-{i}", topics.RESULT), b"r", wait=False)
-        assert client._client.held_back() == 40
-        assert client.written(20)
-        assert client._client.held_back() == 0
-
-        def arrived() -> int:
-            return len([m for m in observer.drain() if m.topic.endswith("/result")])
-
-        deadline = time.monotonic() + 20
-        while arrived() < 50 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert arrived() == 50
-    finally:
-        observer.stop()
-        client.stop()

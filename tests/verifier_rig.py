@@ -48,9 +48,6 @@ class Recorder:
     def idle(self, timeout: float) -> None:
         pass
 
-    def written(self, timeout: float) -> bool:
-        return True  # what the recorder takes is taken at once
-
     def on(self, leaf: str) -> list[tuple[bytes, bool]]:
         """(payload, retain) of what was published on topics ending in `leaf`."""
         return [(p, r) for t, p, r in self.published if t.endswith(leaf)]

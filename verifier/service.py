@@ -55,7 +55,6 @@ BATCH_MAX = 64  # messages taken from the inbox at once (only what has already a
 REGISTRY_RELOAD_S = 60.0  # a full re-read at least this often; changes are seen at once
 KEY_AAD_DOMAIN = b"strongroom/key-release/v1|"
 MAX_ALERT_REASON = 1000  # characters: within the Alert format's 4096 bytes, whatever the text
-WRITE_WAIT_S = 30.0  # longest wait for a batch's replies to be written before its acks
 RETRY_S = 1.0  # after the store could not commit a batch, this long until it is tried again
 SUBSCRIBED = (topics.EVIDENCE, topics.KEYS_REQUEST, topics.STATUS)  # every device's
 NOT_RETAINED = (topics.EVIDENCE, topics.KEYS_REQUEST)  # retained copies ignored and cleared
@@ -691,27 +690,11 @@ class Verifier:
                 log.error("store_unavailable", reason=str(e)[:200], messages=len(batch))
             self._unacked, self._retry_at = list(batch), time.monotonic() + RETRY_S
             return False
-        if self._replies_written():
-            for msg in batch:
-                self.mqtt.ack(msg)
+        for msg in batch:
+            self.mqtt.ack(msg)
         if self._unacked:
             log.info("store_available_again", messages=len(batch))
             self._unacked = []
-        return True
-
-    def _replies_written(self) -> bool:
-        """Whether what the batch made us publish (results, replies) has reached the connection
-        before its messages are acknowledged: paho holds publishes back past its in-flight limit
-        while acknowledgements go out at once, and a crash then would lose results whose
-        evidence the broker no longer has. False when the connection is lost meanwhile (the
-        resumed session delivers the batch again)."""
-        deadline = time.monotonic() + WRITE_WAIT_S
-        while not self.mqtt.written(0.5):
-            if not self.mqtt.connected.is_set():
-                return False
-            if time.monotonic() > deadline:  # the broker takes nothing: do not hold its window
-                log.error("replies_not_written", waited_s=WRITE_WAIT_S)
-                return True
         return True
 
     def _retry_unacked(self) -> None:
