@@ -12,7 +12,7 @@ from provisioning.home import FleetHome, init_home
 from strongroom import cli
 from tests.device_venv import device_venv  # noqa: F401 - a session fixture shared by modules
 from tests.enclave_env import DeviceEnv, make_env
-from tests.fleet import Fleet
+from tests.fleet import Broker, Fleet, free_port, require_mosquitto
 from tests.verifier_rig import Rig, make_rig
 
 # A small but realistic enclave: a package with a nested module and a data file.
@@ -114,3 +114,12 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def rig(tmp_path: Path, fleet_home: FleetHome) -> Rig:
     """A verifier on real evidence with an in-memory MQTT recorder (tests/verifier_rig.py)."""
     return make_rig(tmp_path, fleet_home)
+
+
+@pytest.fixture
+def fresh_broker(tmp_path: Path) -> Iterator[Broker]:
+    """A Mosquitto for a new fleet home, not yet started (enroll first); stopped afterwards."""
+    require_mosquitto()
+    b = Broker(init_home(tmp_path / "home"), free_port(), tmp_path)
+    yield b
+    b.stop()

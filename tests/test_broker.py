@@ -8,7 +8,6 @@ import os
 import pwd
 import re
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ import pytest
 from provisioning.broker import BrokerUser, broker_user, write_broker_config
 from provisioning.broker_config import BrokerSettings, mosquitto_conf
 from provisioning.enroll import enroll_device
-from provisioning.home import FleetHome, init_home
+from provisioning.home import FleetHome
 from strongroom.errors import EnvironmentFault, InputError
-from tests.fleet import Broker, free_port, require_mosquitto, wait_until
+from tests.fleet import Broker, wait_until
 from tests.mqtt_probe import ACCEPTED, connect_once
 
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -107,11 +106,8 @@ def test_only_root_may_name_another_user(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 @pytest.fixture
-def root_broker(tmp_path: Path) -> Iterator[Broker]:
-    require_mosquitto()
-    b = Broker(init_home(tmp_path / "home"), free_port(), tmp_path)
-    yield b
-    b.stop()
+def root_broker(fresh_broker: Broker) -> Broker:
+    return fresh_broker
 
 
 @as_root

@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from provisioning import ca
 from provisioning.enroll import enroll_device
-from provisioning.home import VERIFIER_CN, FleetHome, init_home
+from provisioning.home import VERIFIER_CN, FleetHome
 from strongroom import topics
 from strongroom.commands import Command, sign_command
 from strongroom.mqtt import MqttClient, MqttSettings
 from strongroom.signing import SigningKey
-from tests.fleet import Broker, Fleet, Observer, cli, free_port, require_mosquitto, wait_until
+from tests.fleet import Broker, Fleet, Observer, cli, wait_until
 from tests.mqtt_probe import ACCEPTED, connect_once
 
 
@@ -130,11 +129,8 @@ def _wait_reloaded(broker: Broker, before: int) -> None:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    require_mosquitto()
-    b = Broker(init_home(tmp_path / "home"), free_port(), tmp_path)
-    yield b
-    b.stop()
+def broker(fresh_broker: Broker) -> Broker:
+    return fresh_broker
 
 
 def _enroll(
