@@ -1,44 +1,33 @@
-"""On-device subcommands: `enclave source` and `enclave run`."""
+"""On-device subcommands: `agent run`, `agent invoke` and `enclave run`.
+
+Nothing here imports the fleet side: `enclave run --dev-keys-from HOME` takes its development key
+source from whoever registers these commands (the umbrella CLI passes the fleet's when the fleet
+side is installed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from agent.daemon import AgentConfig, AgentDaemon
-from agent.devkeys import dev_wrapped_key
-from agent.enclave_source import write_enclave_source
-from agent.host import EnclaveHost, HostConfig, read_bundle_info
+from agent.host import EnclaveHost, EnclaveInfo, HostConfig, WrappedKey, read_bundle_info
 from agent.launcher import Launcher
 from agent.local_api import call
 from agent.privsep import DeviceUsers, separate
-from provisioning.home import open_home
-from strongroom.errors import InputError
+from strongroom.errors import EnvironmentFault, InputError
 from strongroom.fsutil import make_private_dir
 from strongroom.mqtt import add_mqtt_version, mqtt_protocol, parse_broker_url
 from strongroom.signals import stop_event
 
 log = structlog.get_logger()
-
-
-def _enclave_source(args: argparse.Namespace) -> int:
-    home = open_home(args.home)
-    written = write_enclave_source(
-        args.out,
-        home.verify_key("artifact"),
-        home.result_verify_key(),
-        min_firmware=args.min_firmware,
-        smt=args.smt,
-        require_secure_boot=not args.allow_insecure_boot,
-        seal_policy=args.seal_policy,
-    )
-    print(json.dumps({"source": str(args.out.absolute()), "files": written}, indent=2))
-    return 0
+# Development keys for a debug enclave: (fleet home, the started enclave, artifact) -> wrapped key
+DevKeySource = Callable[[Path, EnclaveInfo, Path], WrappedKey]
 
 
 def _json_input(text: str) -> object:
@@ -68,6 +57,12 @@ def _enclave_run(args: argparse.Namespace) -> int:
         raise InputError(
             "--dev-keys-from needs --dev", hint="development keys are never used in production"
         )
+    dev_keys: DevKeySource | None = args.dev_key_source if args.dev_keys_from else None
+    if args.dev_keys_from and dev_keys is None:
+        raise EnvironmentFault(
+            "--dev-keys-from reads a fleet home, and the fleet side is not installed here",
+            hint="pip install 'strongroom[fleet]', or give the enclave its keys from the verifier",
+        )
     read_bundle_info(args.bundle)  # a clear error for a wrong path before anything changes
     launcher = _separation(args, args.state)
     config = HostConfig(
@@ -81,7 +76,9 @@ def _enclave_run(args: argparse.Namespace) -> int:
             info = host.start(args.image)
             for path in args.artifact:
                 key = (
-                    dev_wrapped_key(args.dev_keys_from, info, path) if args.dev_keys_from else None
+                    dev_keys(args.dev_keys_from, info, path)
+                    if dev_keys and args.dev_keys_from
+                    else None
                 )
                 host.load_artifact(path, key)
             result = host.invoke(args.entrypoint, value, timeout=args.timeout)
@@ -161,7 +158,8 @@ def _add_separation_options(p: argparse.ArgumentParser) -> None:
         )
 
 
-def register(groups: dict[str, Any]) -> None:
+def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> None:
+    """Add `agent run|invoke` and `enclave run`; `dev_keys` serves `--dev-keys-from`."""
     agent = groups["agent"]
     p = agent.add_parser("run", help="run the agent daemon (foreground; fit for systemd)")
     p.add_argument("--bundle", type=Path, required=True)
@@ -186,15 +184,6 @@ def register(groups: dict[str, Any]) -> None:
     p.set_defaults(handler=_agent_invoke)
 
     enclave = groups["enclave"]
-    p = enclave.add_parser("source", help="write the standard enclave source tree for `build`")
-    p.add_argument("out", type=Path, metavar="OUT_DIR")
-    p.add_argument("--home", type=Path, required=True, help="fleet home (for its artifact signer)")
-    p.add_argument("--min-firmware", default="1.0.0", metavar="X.Y.Z")
-    p.add_argument("--smt", default="allow", choices=["allow", "deny"])
-    p.add_argument("--allow-insecure-boot", action="store_true")
-    p.add_argument("--seal-policy", default="signer", choices=["signer", "measurement"])
-    p.set_defaults(handler=_enclave_source)
-
     p = enclave.add_parser(
         "run", help="launch an enclave, load artifacts and invoke protected code once"
     )
@@ -213,4 +202,4 @@ def register(groups: dict[str, Any]) -> None:
         help="development only: wrap keys from this fleet home (debug enclaves only)",
     )
     _add_separation_options(p)
-    p.set_defaults(handler=_enclave_run)
+    p.set_defaults(handler=_enclave_run, dev_key_source=dev_keys)

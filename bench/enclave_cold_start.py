@@ -63,7 +63,7 @@ SCORER, MODEL = "scorer", "demo-model"
 
 def _prepare(work: Path) -> None:
     """Fleet, device bundle, sealed artifacts, debug image; a first launch leaves sealed blobs."""
-    from agent.devkeys import dev_wrapped_key
+    from provisioning.devkeys import dev_wrapped_key
     from agent.enclave_source import write_enclave_source
     from provisioning.build import build_enclave
     from provisioning.enroll import enroll_device

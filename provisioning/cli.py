@@ -1,4 +1,5 @@
-"""Provisioning subcommands: `fleet`, `device`, `enclave`, `artifact`."""
+"""Provisioning subcommands: `fleet init`, `device enroll`, `enclave source|build`, `artifact
+seal|inspect`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import structlog
 
+from agent.enclave_source import write_enclave_source
 from provisioning.build import build_enclave
 from provisioning.enroll import enroll_device
 from provisioning.home import init_home, open_home
@@ -56,6 +58,21 @@ def _device_enroll(args: argparse.Namespace) -> int:
             "debug_platform": record.debug,
         }
     )
+    return 0
+
+
+def _enclave_source(args: argparse.Namespace) -> int:
+    home = open_home(args.home)
+    written = write_enclave_source(
+        args.out,
+        home.verify_key("artifact"),
+        home.result_verify_key(),
+        min_firmware=args.min_firmware,
+        smt=args.smt,
+        require_secure_boot=not args.allow_insecure_boot,
+        seal_policy=args.seal_policy,
+    )
+    print(json.dumps({"source": str(args.out.absolute()), "files": written}, indent=2))
     return 0
 
 
@@ -126,6 +143,15 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--no-secure-boot", action="store_true", help="simulate secure boot off")
     p.add_argument("--force", action="store_true", help="re-enroll an enrolled device")
     p.set_defaults(handler=_device_enroll)
+
+    p = enclave.add_parser("source", help="write the standard enclave source tree for `build`")
+    p.add_argument("out", type=Path, metavar="OUT_DIR")
+    p.add_argument("--home", type=Path, required=True, help="fleet home (for its artifact signer)")
+    p.add_argument("--min-firmware", default="1.0.0", metavar="X.Y.Z")
+    p.add_argument("--smt", default="allow", choices=["allow", "deny"])
+    p.add_argument("--allow-insecure-boot", action="store_true")
+    p.add_argument("--seal-policy", default="signer", choices=["signer", "measurement"])
+    p.set_defaults(handler=_enclave_source)
 
     p = enclave.add_parser("build", help="build a signed, reproducible enclave image")
     p.add_argument("src", type=Path, metavar="SRC_DIR")

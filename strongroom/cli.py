@@ -1,24 +1,27 @@
 """The `strongroom` command: one parser, subcommands grouped by role.
 
-Each role package contributes its subcommands through a `register(subparsers)` function. This is
-the only place that turns errors into messages and exit codes, and (with the daemons' own entry
-points) the only place that configures logging.
+Each role package contributes its subcommands through a `register(subparsers)` function, and only
+the modules of the role called are imported: a device's base install runs `agent` and `enclave
+run` without the fleet side, whose commands then answer with the extra to install. This module is
+the composition root: the one place in `strongroom` allowed to import the roles (the import
+contracts in pyproject.toml say so). It is the only place that turns errors into messages and exit
+codes, and (with the daemons' own entry points) the only place that configures logging.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-from agent import cli as agent_cli
-from device_sim import cli as sim_cli
-from provisioning import cli as provisioning_cli
 from strongroom import __version__, logs
 from strongroom.errors import EnvironmentFault, InputError, StrongroomError
-from verifier import cli as verifier_cli
-from verifier.dashboard import cli as dashboard_cli
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,9 +42,117 @@ ROLE_GROUPS = (
     ("audit", "the verifier's hash-chained audit log"),
     ("sim", "simulated fleets, healthy and attacked, with a scorecard"),
 )
+TOP_LEVEL = (  # roles that are a command of their own (no COMMAND after them)
+    ("status", "the fleet's trust status, from its signed results"),
+    ("dashboard", "the fleet dashboard in a web browser"),
+)
+FLEET_EXTRA = "pip install 'strongroom[fleet]'"
+OWN_PACKAGES = frozenset({"strongroom", "agent", "provisioning", "verifier", "device_sim"})
 
 
-def build_parser() -> argparse.ArgumentParser:
+@dataclass(frozen=True)
+class Commands:
+    """One module's subcommands: what it registers (`module.register(groups)`, or for a top-level
+    module `register(roles)`) and under which roles, so a role's module is imported only when that
+    role is called, and a command whose module cannot be imported here (a device install without
+    the fleet extra) still gets a one-line answer."""
+
+    module: str
+    commands: tuple[tuple[str, str], ...]  # (role, command); command "" for a top-level role
+    device: bool = False  # part of a base (device) install
+
+
+COMMANDS = (
+    Commands("agent.cli", (("agent", "run"), ("agent", "invoke"), ("enclave", "run")), True),
+    Commands(
+        "provisioning.cli",
+        (
+            ("fleet", "init"),
+            ("device", "enroll"),
+            ("enclave", "source"),
+            ("enclave", "build"),
+            ("artifact", "seal"),
+            ("artifact", "inspect"),
+        ),
+    ),
+    Commands(
+        "verifier.cli",
+        (
+            ("device", "revoke"),
+            ("device", "reinstate"),
+            ("device", "reattest"),
+            ("audit", "verify"),
+            ("audit", "show"),
+            ("broker", "run"),
+            ("verifier", "run"),
+        ),
+    ),
+    Commands("device_sim.cli", (("sim", "run"),)),
+    Commands("verifier.dashboard.cli", (("status", ""), ("dashboard", ""))),
+)
+
+
+def _role_of(argv: Sequence[str]) -> str | None:
+    """The role named on the command line (the first word that is not a global option)."""
+    args = iter(argv)
+    for arg in args:
+        if arg == "--log-level":
+            next(args, None)
+        elif not arg.startswith("-"):
+            return arg
+    return None
+
+
+def _import(name: str) -> ModuleType | ModuleNotFoundError:
+    """The CLI module, or why this installation cannot import it (a package of an extra that is
+    not installed; a missing module of Strongroom's own is a defect and raised)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] in {
+            "strongroom",
+            "agent",
+            "provisioning",
+            "verifier",
+            "device_sim",
+        }:
+            raise
+        return e
+
+
+def _unavailable(role: str, command: str, missing: ModuleNotFoundError) -> Handler:
+    words = f"{role} {command}".strip()
+
+    def handler(_args: argparse.Namespace) -> int:
+        raise EnvironmentFault(
+            f"`strongroom {words}` is not part of this installation (no module {missing.name!r})",
+            hint=f"it runs on the fleet side: {FLEET_EXTRA}",
+        )
+
+    return handler
+
+
+def _add_unavailable(parser: argparse.ArgumentParser, handler: Handler) -> None:
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    parser.set_defaults(handler=handler)
+
+
+def _dev_keys(home: Path, enclave: Any, artifact: Path) -> Any:
+    """`enclave run --dev-keys-from HOME`: the fleet's development key source, imported only when
+    used (a device install has no fleet side)."""
+    devkeys = _import("provisioning.devkeys")
+    if isinstance(devkeys, ModuleNotFoundError):
+        raise EnvironmentFault(
+            f"--dev-keys-from reads a fleet home, and this installation has no module "
+            f"{devkeys.name!r}",
+            hint=f"{FLEET_EXTRA}, or let the verifier release the keys",
+        )
+    return devkeys.dev_wrapped_key(home, enclave, artifact)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for `argv`: every role is listed, but only the modules of the role `argv`
+    names are imported (all of them when `argv` is None, e.g. for tests of the whole CLI)."""
     parser = argparse.ArgumentParser(
         prog="strongroom",
         description="Keep proprietary code and ML models secret on edge devices.",
@@ -66,11 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep the fleet and its dashboard running after the story, until Ctrl-C",
     )
     p.set_defaults(handler=_demo)
-    dashboard_cli.register(roles)
-    provisioning_cli.register(groups)
-    agent_cli.register(groups)
-    verifier_cli.register(groups)
-    sim_cli.register(groups)
+    role = None if argv is None else _role_of(argv)
+    load_all = argv is None
+    top_level = dict(TOP_LEVEL)
+    for spec in COMMANDS:
+        if not load_all and role not in {r for r, _c in spec.commands}:
+            if any(r in top_level for r, _c in spec.commands):
+                for r, _c in spec.commands:  # listed in the help; never imported
+                    roles.add_parser(r, help=top_level[r])
+            continue
+        module = _import(spec.module)
+        if isinstance(module, ModuleNotFoundError):
+            for r, command in spec.commands:
+                sub = roles.add_parser(r, help=top_level[r]) if not command else None
+                sub = sub or groups[r].add_parser(command, help="(needs the fleet extra)")
+                _add_unavailable(sub, _unavailable(r, command, module))
+            continue
+        if spec.module == "agent.cli":
+            module.register(groups, _dev_keys)
+        else:
+            is_top = any(not c for _r, c in spec.commands)
+            module.register(roles if is_top else groups)
     return parser
 
 
@@ -81,7 +208,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     logs.configure(args.log_level, json=True if args.log_json else None)
     handler: Handler = args.handler

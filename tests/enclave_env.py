@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.devkeys import dev_wrapped_key
+from provisioning.devkeys import dev_wrapped_key
 from agent.enclave_source import write_enclave_source
 from agent.host import EnclaveHost, HostConfig, WrappedKey
 from provisioning.build import build_enclave

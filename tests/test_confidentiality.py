@@ -73,7 +73,7 @@ _HOLDER = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from agent.host import EnclaveHost, HostConfig
-    from agent.devkeys import dev_wrapped_key
+    from provisioning.devkeys import dev_wrapped_key
     from strongroom import logs
     logs.configure("error")
     root, image, code, home = (Path(a) for a in sys.argv[1:5])
