@@ -17,8 +17,8 @@ import pytest
 
 from provisioning.registry import DeviceRecord
 from strongroom.signing import SigningKey
+from verifier.freshness import SEQ_WINDOW
 from verifier.store import Acceptance, Candidate, Freshness, StoredResult
-from verifier.store_sql import SEQ_WINDOW
 from verifier.store_sqlite import SqliteStore
 
 NOW = 1_800_000_000.0

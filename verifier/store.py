@@ -2,42 +2,21 @@
 
 `StateStore` is the seam; SQLite (WAL) is the default implementation. Every check-and-update that
 guards freshness is a single transaction with conditional updates, never in-memory state, so that
-several verifier processes sharing one database stay correct.
+several verifier processes sharing one database stay correct. The rules themselves (what is
+fresh, a duplicate, a replay) are `verifier.freshness`, pure, which the store applies to the rows
+it read and locked.
 """
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from provisioning.registry import DeviceRecord
+from verifier.freshness import Acceptance, Candidate, Freshness
 
-
-class Freshness(enum.Enum):
-    FRESH = "fresh"  # answers an outstanding challenge of ours
-    PERIODIC = "periodic"  # the device's own nonce; fresh by its increasing sequence number
-    DUPLICATE = "duplicate"  # evidence already accepted (an MQTT redelivery)
-    REPLAY = "replay"  # a sequence number seen before or far below the highest, or a used nonce
-    EXPIRED = "expired"  # our challenge, answered after it expired
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """Verified evidence whose freshness is to be checked and recorded."""
-
-    device_id: str
-    nonce: bytes
-    seq: int
-    token_hash: bytes
-    require_fresh: bool = False  # a key request: it must answer an outstanding challenge
-
-
-@dataclass(frozen=True)
-class Acceptance:
-    freshness: Freshness
-    newest: bool  # recorded, and no higher sequence number was recorded before it
+__all__ = ["Acceptance", "Candidate", "Freshness", "MakeResults", "StateStore", "StoredResult"]
 
 
 @dataclass(frozen=True)

@@ -4,27 +4,31 @@ Queries are written with `?` placeholders and `{lock}` / `{greatest}` markers th
 fills in. Every freshness decision is one transaction: PostgreSQL locks the device's row
 (`FOR UPDATE`), SQLite takes its database write lock (`BEGIN IMMEDIATE`); every update is
 conditional. So several verifier processes stay correct: each evidence is accepted at most once and
-no nonce twice.
+no nonce twice. The verdicts are `verifier.freshness.decide`'s, on the rows read and locked.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from provisioning.registry import DeviceRecord
-from verifier.store import Acceptance, Candidate, Freshness, MakeResults, StoredResult
+from verifier.freshness import (
+    WINDOW_BYTES,
+    WINDOW_MASK,
+    Acceptance,
+    BatchState,
+    Candidate,
+    Challenge,
+    DeviceWindow,
+    Freshness,
+    decide,
+)
+from verifier.store import MakeResults, StoredResult
 
 NONCE_RETENTION_S = 3600
-# Evidence may arrive out of order when several verifiers share the work: any sequence number not
-# seen before and above (highest - SEQ_WINDOW) is accepted once; anything else is a replay. Which
-# ones were seen is a bitmap in the device's row, as in IPsec's and DTLS's anti-replay windows
-# (RFC 4303 section 3.4.3): bit k stands for sequence number (highest - k).
-SEQ_WINDOW = 1024
-_WINDOW_BYTES = SEQ_WINDOW // 8
-_WINDOW_MASK = (1 << SEQ_WINDOW) - 1
 SYNC_CHUNK = 500  # devices per statement and transaction when the registry is synced
 
 
@@ -129,84 +133,12 @@ def array_literal(type_: str, values: Iterable[Any]) -> str:
     return "{" + ",".join("NULL" if v is None else element(v) for v in values) + "}"
 
 
-@dataclass
-class _Device:
-    last_seq: int
-    last_hash: bytes | None
-    window: int  # bit k: sequence number last_seq - k was accepted
-    accepted: int = 0  # accepted in this batch
-
-    def seen(self, seq: int) -> bool:
-        return 0 <= self.last_seq - seq < SEQ_WINDOW and bool(
-            self.window >> (self.last_seq - seq) & 1
-        )
-
-    def record(self, seq: int, token_hash: bytes) -> None:
-        if seq > self.last_seq:  # slide the window (never shifting by more than its width)
-            shift = min(seq - self.last_seq, SEQ_WINDOW)
-            self.window = (self.window << shift | 1) & _WINDOW_MASK
-            self.last_seq = seq
-        else:
-            self.window |= 1 << (self.last_seq - seq)
-        self.last_hash = token_hash
-        self.accepted += 1
-
-
-@dataclass
-class _Nonce:
-    device_id: str
-    used: bool
-    expires: float
-
-
-@dataclass
-class _BatchState:
-    """A batch's view of the rows it read (and locked), updated as its verdicts are decided,
-    and the writes that follow from them."""
-
-    devices: dict[str, _Device] = field(default_factory=dict)
-    nonces: dict[bytes, _Nonce] = field(default_factory=dict)
-    used_nonces: list[bytes] = field(default_factory=list)
-    changed: set[str] = field(default_factory=set)
-
-
 def _marks(n: int) -> str:
     return ", ".join("?" * n)
 
 
 def _by_device(r: StoredResult) -> str:
     return r.device_id  # rows in device order: the lock order of every transaction here
-
-
-def _decide(item: Candidate, state: _BatchState, now: float) -> Acceptance:  # noqa: PLR0911
-    """The freshness verdict for one evidence (one return per verdict), given the rows read and
-    the batch's earlier verdicts; records what it accepts into `state`."""
-    device = state.devices.get(item.device_id)
-    if device is None:
-        return Acceptance(Freshness.REPLAY, False)
-    if device.seen(item.seq):  # a redelivery of the latest is benign; anything older, a replay
-        dup = Freshness.DUPLICATE if device.last_hash == item.token_hash else Freshness.REPLAY
-        return Acceptance(dup, False)
-    if item.seq <= device.last_seq - SEQ_WINDOW:
-        return Acceptance(Freshness.REPLAY, False)
-    found = state.nonces.get(item.nonce)
-    if found is not None and found.device_id != item.device_id:
-        found = None  # another device's challenge is no challenge to this one
-    freshness = Freshness.PERIODIC
-    if found is None and item.require_fresh:
-        return Acceptance(freshness, False)  # the caller refuses it; nothing is recorded
-    if found is not None:
-        if found.used:
-            return Acceptance(Freshness.REPLAY, False)
-        if found.expires < now:
-            return Acceptance(Freshness.EXPIRED, False)
-        found.used = True
-        state.used_nonces.append(item.nonce)
-        freshness = Freshness.FRESH
-    newest = item.seq >= device.last_seq
-    device.record(item.seq, item.token_hash)
-    state.changed.add(item.device_id)
-    return Acceptance(freshness, newest)
 
 
 SQLITE = Dialect("?", "", "MAX", "BLOB", "REAL", "INTEGER")
@@ -250,7 +182,7 @@ class SqlStore:
             return
         self._q(f"ALTER TABLE devices ADD COLUMN seen_window {self.dialect.blob}")
         self._q("ALTER TABLE devices ADD COLUMN accepted BIGINT NOT NULL DEFAULT 0")
-        full = _WINDOW_MASK.to_bytes(_WINDOW_BYTES, "big")
+        full = WINDOW_MASK.to_bytes(WINDOW_BYTES, "big")
         self._q("UPDATE devices SET seen_window = ? WHERE last_seq > 0", (full,))
         self._q("DROP TABLE IF EXISTS seen")
 
@@ -300,33 +232,31 @@ class SqlStore:
         device_ids = sorted({i.device_id for i in items})
         with self._transaction():
             state = self._read_state(items, device_ids)
-            verdicts = [_decide(item, state, now) for item in items]
+            verdicts = [decide(item, state, now) for item in items]
             self._write_state(state, now)
             if results is not None:
                 self._save_results(results(verdicts))
         return verdicts
 
-    def _read_state(self, items: Sequence[Candidate], device_ids: list[str]) -> _BatchState:
-        state, d = _BatchState(), self.dialect
+    def _read_state(self, items: Sequence[Candidate], device_ids: list[str]) -> BatchState:
+        state, d = BatchState(), self.dialect
         is_device, device_params = d.any_of("device_id", "text", device_ids)
         for device_id, last_seq, last_hash, window in self._q(
             f"SELECT device_id, last_seq, last_hash, seen_window FROM devices WHERE {is_device} "  # noqa: S608 - placeholders only
             "ORDER BY device_id{lock}",
             device_params,
         ).fetchall():
-            last = None if last_hash is None else bytes(last_hash)
-            bits = 0 if window is None else int.from_bytes(window, "big")
-            state.devices[device_id] = _Device(int(last_seq), last, bits)
+            state.devices[device_id] = DeviceWindow.from_row(last_seq, last_hash, window)
         is_nonce, nonce_params = d.any_of("nonce", d.blob, sorted({i.nonce for i in items}))
         for nonce, device_id, used, expires in self._q(
             f"SELECT nonce, device_id, used, expires FROM nonces WHERE {is_nonce} "  # noqa: S608 - placeholders only
             "ORDER BY nonce{lock}",
             nonce_params,
         ).fetchall():
-            state.nonces[bytes(nonce)] = _Nonce(device_id, bool(used), float(expires))
+            state.nonces[bytes(nonce)] = Challenge(device_id, bool(used), float(expires))
         return state
 
-    def _write_state(self, state: _BatchState, now: float) -> None:
+    def _write_state(self, state: BatchState, now: float) -> None:
         """The batch's writes, a statement each (the rows they touch are locked already)."""
         d = self.dialect
         if state.used_nonces:
@@ -337,7 +267,7 @@ class SqlStore:
                 i,
                 dev.last_seq,
                 dev.last_hash,
-                dev.window.to_bytes(_WINDOW_BYTES, "big"),
+                dev.window_bytes(),
                 dev.accepted,
             )
             for i, dev in ((i, state.devices[i]) for i in sorted(state.changed))
