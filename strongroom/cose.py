@@ -101,14 +101,10 @@ def sign_payload(payload: bytes, key: SigningKey, kid: bytes) -> bytes:
 
 def parse(token: bytes, what: str) -> Sign1:
     """The structure of a token, checked; FormatError for anything that is not our COSE_Sign1."""
-    obj = load_cbor(
-        token, what, max_size=MAX_TOKEN, max_depth=MAX_DEPTH, tags=(CWT_TAG, COSE_SIGN1_TAG)
-    )
-    if isinstance(obj, cbor2.CBORTag) and obj.tag == CWT_TAG:
-        obj = obj.value
-    if isinstance(obj, cbor2.CBORTag) and obj.tag == COSE_SIGN1_TAG:
-        obj = obj.value
-    if isinstance(obj, cbor2.CBORTag) or not (isinstance(obj, list) and len(obj) == 4):
+    if len(token) > MAX_TOKEN:
+        raise FormatError(f"{what} is larger than {MAX_TOKEN} bytes")
+    obj = load_cbor(_untagged(token), what, max_size=MAX_TOKEN, max_depth=MAX_DEPTH)
+    if not (type(obj) is list and len(obj) == 4):
         raise FormatError(f"{what} is not a COSE_Sign1")
     protected, unprotected, payload, signature = _ENVELOPE.check(obj, f"{what} (COSE_Sign1)")
     headers = _protected_headers(protected, what)
@@ -125,6 +121,26 @@ def parse(token: bytes, what: str) -> Sign1:
     if not isinstance(kid, bytes) or len(kid) > MAX_KID:
         raise FormatError(f"{what} has a malformed key id (a byte string of at most {MAX_KID})")
     return Sign1(protected, kid, payload, signature)
+
+
+def _untagged(token: bytes) -> bytes:
+    """`token` without its optional outer tags (CWT, then COSE_Sign1), in any length form.
+
+    The envelope is then decoded as plain CBOR, the same under every cbor2: cbor2 6 decodes what a
+    tag holds as immutable values (tuples and its frozendict), cbor2 5 as lists and dicts. Any
+    other tag, or these in another place, is left for `load_cbor` to refuse."""
+    rest = token
+    for tag in (CWT_TAG, COSE_SIGN1_TAG):
+        if not rest or rest[0] >> 5 != 6:  # major type 6: a tag
+            break
+        info = rest[0] & 0x1F
+        size = 1 << (info - 24) if 24 <= info <= 27 else 0
+        if info > 27 or len(rest) < 1 + size:
+            break
+        number = int.from_bytes(rest[1 : 1 + size], "big") if size else info
+        if number == tag:
+            rest = rest[1 + size :]
+    return rest
 
 
 def _is_eddsa(alg: Any) -> bool:
