@@ -28,7 +28,6 @@ RUNTIME_MODULES = (
     "agent/__init__.py",
     "agent/channel.py",
     "agent/memimport.py",
-    "agent/report.py",
     "agent/enclave_app/__init__.py",
     "agent/enclave_app/attestation.py",
     "agent/enclave_app/runtime.py",
@@ -41,6 +40,7 @@ RUNTIME_MODULES = (
     "strongroom/fields.py",
     "strongroom/image.py",
     "strongroom/keywrap.py",
+    "strongroom/report.py",
     "strongroom/signing.py",
 )
 

@@ -38,11 +38,11 @@ from agent.errors import (
     LocalAttestationError,
 )
 from agent.launcher import ChildProcess, DirectLauncher, Launcher, SeparationError
-from agent.report import Report
 from strongroom import artifact, bundle, canonical
 from strongroom.errors import StrongroomError
 from strongroom.fsutil import SECRET_FILE, make_private_dir, read_file, write_atomic
 from strongroom.image import MAX_CONTENT_SIZE, load_image
+from strongroom.report import Report
 
 log = structlog.get_logger()
 INVOKE_GRACE_S = 5.0

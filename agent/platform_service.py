@@ -23,7 +23,11 @@ from agent import platform_keys
 from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
 from agent.errors import LaunchError, PlatformFault
 from agent.launcher import ChildProcess, EnclaveSpawner, spawn_enclave_directly
-from agent.report import (
+from strongroom import bundle, canonical
+from strongroom.errors import StrongroomError
+from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
+from strongroom.image import EnclaveIdentity, VerifiedImage, load_image
+from strongroom.report import (
     PlatformClaims,
     Report,
     ReportError,
@@ -31,10 +35,6 @@ from agent.report import (
     mac_report,
     verify_report,
 )
-from strongroom import bundle, canonical
-from strongroom.errors import StrongroomError
-from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
-from strongroom.image import EnclaveIdentity, VerifiedImage, load_image
 from strongroom.signing import SigningKey
 
 log = structlog.get_logger()

@@ -19,10 +19,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent.enclave_app.attestation import EnclavePolicy, platform_problems
 from agent.platform_service import SimulatedPlatform, identity_of
-from agent.report import key_binding, verify_report
 from strongroom import artifact, keywrap
 from strongroom.errors import IntegrityError
 from strongroom.image import EnclaveIdentity, load_image
+from strongroom.report import key_binding, verify_report
 from strongroom.signing import VerifyKey
 
 

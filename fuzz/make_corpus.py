@@ -17,7 +17,6 @@ import tomlkit
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from agent import channel
-from agent.report import key_binding
 from fuzz import targets
 from fuzz.targets import ARTIFACT_SIGNER, DATA_KEY, DEVICE_ID, DEVICE_KEY, NOW, VERIFIER_KEY
 from provisioning import policy_file
@@ -25,6 +24,7 @@ from strongroom import artifact, commands, cose, ear, evidence, messages
 from strongroom.evidence import ArtifactClaim, Evidence
 from strongroom.image import EnclaveIdentity
 from strongroom.keywrap import Lease, wrap_key
+from strongroom.report import key_binding
 
 IAT = int(NOW) - 60
 ENCLAVE_PRIVATE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(32)))

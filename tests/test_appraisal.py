@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from agent.report import key_binding
 from provisioning.registry import DeviceRecord
 from strongroom.ear import VECTOR_KEYS
 from strongroom.evidence import ArtifactClaim, Evidence
 from strongroom.image import EnclaveIdentity
 from strongroom.policy import ArtifactReference, EnclaveReference, FleetPolicy
+from strongroom.report import key_binding
 from strongroom.signing import SigningKey
 from verifier.appraisal import appraise
 

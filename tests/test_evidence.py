@@ -7,10 +7,10 @@ import os
 import pytest
 
 from agent.errors import EnclaveError
-from agent.report import key_binding
 from provisioning.registry import Registry
 from strongroom.errors import FormatError, SignatureError
 from strongroom.evidence import evidence_kid, verify_evidence
+from strongroom.report import key_binding
 from tests.enclave_env import DeviceEnv
 
 

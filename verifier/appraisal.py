@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.report import key_binding
 from provisioning.registry import DeviceRecord
 from strongroom.ear import TIERS, VECTOR_KEYS, tier_of
 from strongroom.errors import InputError
 from strongroom.evidence import Evidence
 from strongroom.fields import parse_firmware
 from strongroom.policy import FleetPolicy
+from strongroom.report import key_binding
 
 AFFIRMING, WARNING, CONTRAINDICATED = 2, 32, 96
 UNRECOGNIZED = 33  # AR4SI executables: not recognized, but not known bad

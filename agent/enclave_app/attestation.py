@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.report import Report
+from strongroom.report import Report
 
 
 @dataclass(frozen=True)

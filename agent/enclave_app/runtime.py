@@ -30,11 +30,11 @@ from agent.channel import Channel, ChannelClosed, ChannelError, Message, check
 from agent.enclave_app import sealing
 from agent.enclave_app.attestation import EnclavePolicy, platform_problems
 from agent.memimport import MemoryFinder
-from agent.report import Report, ReportError, key_binding, verify_report
 from strongroom import artifact, keywrap
 from strongroom.commands import verify_command
 from strongroom.errors import StrongroomError
 from strongroom.image import CONTENT_MAGIC, EnclaveIdentity, parse_content
+from strongroom.report import Report, ReportError, key_binding, verify_report
 from strongroom.signing import VerifyKey
 
 MAX_RESULT = 1024 * 1024

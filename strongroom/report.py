@@ -3,7 +3,9 @@
 A report binds the enclave's identity (MRENCLAVE, MRSIGNER, product id, SVN, debug attribute), the
 platform's claims (firmware, debug mode, secure boot, SMT) and 64 bytes of report data chosen by the
 enclave, under an HMAC-SHA256 keyed with a report key that only the platform can derive from its
-root secret (as SGX's EREPORT/EGETKEY). Pure; used by the platform and inside the enclave.
+root secret (as SGX's EREPORT/EGETKEY). Pure; a wire format of both sides: the platform and the
+enclave make and check reports, and the verifier recomputes the key binding (`key_binding`) that
+evidence carries. It lives in the core so that the fleet side never imports the device's.
 """
 
 from __future__ import annotations
