@@ -63,16 +63,16 @@ def test_a_validly_signed_absurd_token_is_rejected_and_the_verifier_goes_on(
 def test_a_defect_met_by_one_message_rejects_that_message_alone(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import verifier.service  # noqa: PLC0415 - the module whose pure appraisal is replaced
+    import verifier.pipeline  # noqa: PLC0415 - the module whose pure appraisal is replaced
 
-    real = verifier.service.appraise
+    real = verifier.pipeline.appraise
 
     def appraise(ev: Any, policy: Any, record: Any) -> Any:
         if ev.device_id == "cam-a":
             raise ZeroDivisionError("a defect in appraisal")
         return real(ev, policy, record)
 
-    monkeypatch.setattr(verifier.service, "appraise", appraise)
+    monkeypatch.setattr(verifier.pipeline, "appraise", appraise)
     batch = [rig.evidence("cam-a"), rig.evidence("cam-b"), rig.evidence("cam-b")]
     rig.verifier.handle_batch(batch)
     assert rig.mqtt.results(rig.home) == [("cam-b", 1), ("cam-b", 2)]
@@ -146,17 +146,60 @@ def test_evidence_of_a_revoked_device_does_not_resend_its_command(rig: Rig) -> N
     assert len(rig.mqtt.on(topics.COMMAND)) == 1  # the retained command stands
 
 
+def _challenged(rig: Rig, device_id: str) -> bytes:
+    rig.verifier.handle_batch([_status(device_id, messages.Status("online", 1.0))])
+    (challenge_payload, _r) = rig.mqtt.on(topics.CHALLENGE)[-1]
+    return messages.Challenge.decode(challenge_payload).nonce
+
+
 def test_a_failed_key_response_publish_is_not_held_against_the_device(rig: Rig) -> None:
-    rig.verifier.handle_batch([_status("cam-a", messages.Status("online", 1.0))])
-    (challenge_payload, _r) = rig.mqtt.on(topics.CHALLENGE)[0]
-    nonce = messages.Challenge.decode(challenge_payload).nonce
+    """The broker went away as the response was sent: nothing the device did was wrong. The
+    decision (the challenge answered, the refusal audited) is committed, so the request is
+    acknowledged, not retried; a redelivery of it is a duplicate and is not rejected either."""
+    nonce = _challenged(rig, "cam-a")
     request = messages.KeyRequest(rig.evidence("cam-a", nonce).payload, ("nosuchkey",)).encode()
+    msg = Inbound(topics.device_topic("cam-a", topics.KEYS_REQUEST), request, False)
     rig.mqtt.fail_on = topics.KEYS_RESPONSE
-    rig.verifier.handle_batch(
-        [Inbound(topics.device_topic("cam-a", topics.KEYS_REQUEST), request, False)]
-    )
+    assert rig.verifier.commit([msg])
+    assert rig.mqtt.acked == [msg]
+    assert rig.verifier.counts.get("rejected", 0) == 0
+    assert rig.verifier.counts.get("internal_errors", 0) == 0
+    assert rig.verifier.counts["replies_not_published"] == 1
+    assert _alerts(rig) == []
+    assert [e["detail"]["key_id"] for e in _audit_events(rig, "key_refused")] == ["nosuchkey"]
+    rig.mqtt.fail_on = ""
+    assert rig.verifier.commit([msg])  # the broker's redelivery: answered already, no blame
     assert rig.verifier.counts.get("rejected", 0) == 0
     assert _alerts(rig) == []
+
+
+def test_a_challenge_that_cannot_be_sent_is_not_held_against_the_device(rig: Rig) -> None:
+    rig.mqtt.fail_on = topics.CHALLENGE
+    msg = _status("cam-a", messages.Status("online", 1.0))
+    assert rig.verifier.commit([msg])
+    assert rig.mqtt.acked == [msg]
+    assert rig.verifier.counts.get("rejected", 0) == 0
+    assert rig.verifier.counts["replies_not_published"] == 1
+    assert _alerts(rig) == []
+
+
+def test_a_failed_publish_inside_an_evidence_batch_is_not_held_against_its_devices(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever publish in the pipeline fails, after the commit, is the transport's fault."""
+    from strongroom.mqtt import MqttError  # noqa: PLC0415
+
+    def fail(*_a: Any) -> None:
+        raise MqttError("not connected")
+
+    monkeypatch.setattr(rig.verifier.pipeline, "_appraised", fail)
+    batch = [rig.evidence("cam-a"), rig.evidence("cam-b")]
+    assert rig.verifier.commit(batch)
+    assert rig.mqtt.acked == batch
+    assert rig.verifier.counts.get("rejected", 0) == 0
+    assert rig.verifier.counts.get("internal_errors", 0) == 0
+    assert _alerts(rig) == []
+    assert rig.store.last_seq("cam-a") == 1  # committed: a redelivery is a duplicate
 
 
 class _FailingStore:
@@ -254,7 +297,7 @@ def test_a_contraindicated_result_delivered_again_makes_sure_of_the_revocation(
     rig.verifier.policy = dataclasses.replace(rig.verifier.policy, min_firmware="99.0.0")
     ev = rig.evidence("cam-a")
     with monkeypatch.context() as m:  # committed, then a crash before the revocation was made
-        m.setattr(rig.verifier, "_appraised", lambda *_a: None)
+        m.setattr(rig.verifier.pipeline, "_appraised", lambda *_a: None)
         rig.verifier.handle_batch([ev])
     assert rig.verifier.devices["cam-a"].status == "active"
     assert rig.mqtt.on(topics.COMMAND) == []

@@ -27,20 +27,20 @@ def test_due_devices_are_challenged_a_slice_per_tick(rig: Rig) -> None:
     for device_id in ("cam-a", "cam-b"):
         rig.store.set_online(device_id, True, NOW)
     interval = 10.0  # two devices, ticks of 0.2 s: one challenge per tick covers them in time
-    rig.verifier._challenge_due(NOW, interval)
+    rig.verifier.challenges.due(NOW, interval)
     first = _challenged(rig)
-    rig.verifier._challenge_due(NOW + 0.2, interval)
+    rig.verifier.challenges.due(NOW + 0.2, interval)
     second = _challenged(rig)
     assert len(first) == 1 and len(second) == 1 and set(first + second) == {"cam-a", "cam-b"}
-    rig.verifier._challenge_due(NOW + 0.4, interval)
+    rig.verifier.challenges.due(NOW + 0.4, interval)
     assert _challenged(rig) == []  # both challenged less than an interval ago
-    rig.verifier._challenge_due(NOW + interval + 0.1, interval)
+    rig.verifier.challenges.due(NOW + interval + 0.1, interval)
     assert _challenged(rig) == first  # the one challenged first is due first again
 
 
 def test_offline_devices_are_not_challenged(rig: Rig) -> None:
     rig.store.set_online("cam-a", False, NOW)
-    rig.verifier._challenge_due(NOW, 10.0)
+    rig.verifier.challenges.due(NOW, 10.0)
     assert _challenged(rig) == []
 
 
@@ -50,7 +50,7 @@ def test_a_device_coming_online_is_challenged_at_once_and_then_not_again_until_d
     status = messages.Status("online", NOW).encode()
     rig.verifier.handle_status("cam-a", status)
     assert _challenged(rig) == ["cam-a"]
-    rig.verifier._challenge_due(rig.verifier.clock() + 1.0, 10.0)
+    rig.verifier.challenges.due(rig.verifier.clock() + 1.0, 10.0)
     assert _challenged(rig) == []
 
 
