@@ -13,10 +13,12 @@ $(STAMP): setup.cfg pyproject.toml
 	@scripts/bootstrap-venv.sh "$(PYTHON)" "$(VENV)"
 	@touch $@
 
+# lint-imports: the layer contracts in pyproject.toml ([tool.importlinter])
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports --no-cache
 
 unit: venv
 	$(PY) -m pytest
