@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import errno
 import queue
 import re
 import select
@@ -32,12 +34,13 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import structlog
+from cryptography import x509
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from strongroom.errors import EnvironmentFault, InputError
+from strongroom.errors import EnvironmentFault, FormatError, InputError
 from strongroom.retry import Backoff
 
 log = structlog.get_logger()
@@ -114,6 +117,322 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# -- connection diagnostics ---------------------------------------------------------------------
+# Why a connection failed, as one of a few named causes with what to do. Classification is pure
+# (an exception or a CONNACK code in, a ConnectionProblem out); the client below gathers the
+# evidence (the exception, a CONNACK, a probe) and logs a cause once, when it changes.
+
+REFUSED = "refused"  # nothing listens there
+UNKNOWN_HOST = "unknown_host"
+UNREACHABLE = "unreachable"
+TIMEOUT = "timeout"
+PLAINTEXT = "plaintext_port"  # the port answers without TLS
+UNKNOWN_CA = "unknown_ca"  # the broker's certificate is not signed by our CA
+WRONG_HOST_NAME = "wrong_host_name"
+BROKER_CERTIFICATE_INVALID = "broker_certificate_invalid"  # expired or not yet valid
+CERTIFICATE_REJECTED = "certificate_rejected"  # the broker refused our client certificate
+CERTIFICATE_EXPIRED = "certificate_expired"  # our own, checked locally
+CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"  # our own, checked locally
+CERTIFICATE_REVOKED = "certificate_revoked"
+NOT_AUTHORISED = "not_authorised"  # CONNACK: bad credentials, not authorised, banned
+UNSUPPORTED_PROTOCOL = "unsupported_protocol"  # CONNACK: the broker does not speak our MQTT
+REFUSED_BY_BROKER = "refused_by_broker"  # another CONNACK refusal
+SESSION_TAKEN_OVER = "session_taken_over"  # another client connected with our client id
+CONNECTION_LOST = "connection_lost"
+TLS_ERROR = "tls_error"
+NETWORK_ERROR = "network_error"
+
+CONNECT_TIMEOUT_S = 5.0  # TCP connect and TLS handshake (paho's own default, stated here)
+CONNACK_TIMEOUT_S = 10.0  # from the handshake to the broker's CONNACK
+STABLE_S = 30.0  # a connection up this long ends a streak: its loss is news, logged again
+TAKEOVER_LOSSES = 3  # connections closed in a row before STABLE_S: taken over, we assume
+
+# OpenSSL verify codes (x509_vfy.h) of a broker certificate our CA does not vouch for
+_UNTRUSTED_CODES = frozenset({2, 18, 19, 20, 21, 27, 28, 32})
+_HOST_CODES = frozenset({62, 63, 64})  # host name, email, IP address mismatch
+_EXPIRED_CODE, _NOT_YET_VALID_CODE = 10, 9
+# OpenSSL reasons meaning the other end does not speak TLS (it sent bytes that are no record)
+_NOT_TLS_REASONS = frozenset(
+    {"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"}
+)
+_NOT_AUTHORISED_CODES = frozenset({0x86, 0x87, 0x8A, 0x8C})  # v3.1.1's 4 and 5 map to 0x86, 0x87
+_TLS_HINT = "check that the broker URL names this fleet's broker and its TLS port"
+
+
+@dataclass(frozen=True)
+class ConnectionProblem:
+    """Why the client is not connected: a stable `cause` (one of the names above), what was
+    seen (`detail`, one line) and what to do (`hint`)."""
+
+    cause: str
+    detail: str
+    hint: str
+
+    def line(self) -> str:
+        return f"{self.cause}: {self.detail}; {self.hint}"
+
+
+@dataclass(frozen=True)
+class CertificateValidity:
+    """The validity period of our own client certificate, read once from its file."""
+
+    subject: str
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+    def problem(self, now: dt.datetime) -> ConnectionProblem | None:
+        """Our certificate's own fault at `now`, if it has one (expired, not yet valid)."""
+        if now > self.not_after:
+            return ConnectionProblem(
+                CERTIFICATE_EXPIRED,
+                f"our certificate ({self.subject}) expired on {self.not_after:%Y-%m-%d %H:%M} UTC",
+                "have the fleet operator re-enroll this device (a new bundle), or fix this "
+                "machine's clock if it is wrong",
+            )
+        if now < self.not_before:
+            return ConnectionProblem(
+                CERTIFICATE_NOT_YET_VALID,
+                f"our certificate ({self.subject}) is valid only from "
+                f"{self.not_before:%Y-%m-%d %H:%M} UTC",
+                "this machine's clock is probably behind: set it right (e.g. enable NTP)",
+            )
+        return None
+
+
+def certificate_validity(cert_pem: bytes) -> CertificateValidity:
+    """The subject and validity of a PEM certificate; FormatError if it is none."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as e:
+        raise FormatError("not a PEM certificate") from e
+    return CertificateValidity(
+        cert.subject.rfc4514_string(), cert.not_valid_before_utc, cert.not_valid_after_utc
+    )
+
+
+def _rejected_by_broker(
+    reason: str, where: str, own: CertificateValidity | None, now: dt.datetime
+) -> ConnectionProblem:
+    """The broker's TLS alert about our certificate (`reason`: OpenSSL's name for it), made
+    precise by our own look at the certificate: an expiry we can see is named as such."""
+    local = own.problem(now) if own is not None else None
+    if local is not None:
+        return local
+    if reason == "SSLV3_ALERT_CERTIFICATE_REVOKED":
+        return ConnectionProblem(
+            CERTIFICATE_REVOKED,
+            f"{where} says our certificate is revoked",
+            "the fleet revoked or re-enrolled this device: ask its operator (device reinstate, "
+            "or a new bundle)",
+        )
+    if reason == "TLSV1_ALERT_UNKNOWN_CA":
+        said = "does not know the CA that issued our certificate"
+        hint = "this bundle belongs to another fleet, or the broker to another: check both"
+    elif reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED":
+        said = "says our certificate has expired (by its clock, not ours)"
+        hint = "check the broker's clock, or have the device re-enrolled"
+    elif reason:
+        said = f"refused our certificate ({reason.lower().replace('_', ' ')})"
+        hint = "check that this bundle was enrolled in the broker's fleet and is not revoked"
+    else:
+        said = "closed the connection right after the TLS handshake, before any answer"
+        hint = "it refused our certificate: check that this bundle belongs to the broker's fleet"
+    return ConnectionProblem(CERTIFICATE_REJECTED, f"{where} {said}", hint)
+
+
+def classify_error(
+    error: BaseException,
+    where: str,
+    own: CertificateValidity | None = None,
+    now: dt.datetime | None = None,
+) -> ConnectionProblem:
+    """A failed TCP connect or TLS handshake with the broker at `where` (host:port), named.
+    `own`: our certificate's validity, so that the broker's complaint about it is made precise."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return _unverified_broker(error, where)
+    if isinstance(error, ssl.SSLError):
+        return _tls_failure(error, where, own, now or dt.datetime.now(dt.UTC))
+    return _network_failure(error, where)
+
+
+def _network_failure(error: BaseException, where: str) -> ConnectionProblem:
+    if isinstance(error, ConnectionRefusedError):
+        return ConnectionProblem(
+            REFUSED,
+            f"nothing listens at {where} (connection refused)",
+            "check the broker URL's host and port, and that the broker runs",
+        )
+    if isinstance(error, socket.gaierror):
+        return ConnectionProblem(
+            UNKNOWN_HOST,
+            f"cannot resolve {where.rpartition(':')[0]}: {error.strerror}",
+            "check the host name in the broker URL and this machine's DNS",
+        )
+    if isinstance(error, TimeoutError):
+        return ConnectionProblem(
+            TIMEOUT,
+            f"no answer from {where} within {CONNECT_TIMEOUT_S:g} s",
+            "check the address, the firewall, and that this port is the broker's TLS port",
+        )
+    if isinstance(error, OSError) and error.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return ConnectionProblem(
+            UNREACHABLE,
+            f"{where} is unreachable ({error.strerror})",
+            "check the broker's address and this machine's network",
+        )
+    return ConnectionProblem(
+        NETWORK_ERROR,
+        f"cannot connect to {where}: {getattr(error, 'strerror', None) or error}",
+        "check the broker URL and the network",
+    )
+
+
+def _unverified_broker(error: ssl.SSLCertVerificationError, where: str) -> ConnectionProblem:
+    """Our side refused the broker's certificate."""
+    code, message = error.verify_code, error.verify_message
+    if code in _HOST_CODES:
+        return ConnectionProblem(
+            WRONG_HOST_NAME,
+            f"the broker's certificate is not valid for the name we used ({message})",
+            "connect by a name the broker's certificate was issued for (the fleet's broker "
+            "certificate names localhost, 127.0.0.1 and ::1 unless reissued)",
+        )
+    if code in (_EXPIRED_CODE, _NOT_YET_VALID_CODE):
+        return ConnectionProblem(
+            BROKER_CERTIFICATE_INVALID,
+            f"the broker's certificate is not valid now ({message})",
+            "check this machine's clock, or have the fleet operator renew the broker's certificate",
+        )
+    if code in _UNTRUSTED_CODES:
+        return ConnectionProblem(
+            UNKNOWN_CA,
+            f"the broker at {where} has a certificate our CA did not sign ({message})",
+            "this is another fleet's broker, or this bundle another fleet's: check the "
+            "broker URL and the bundle (tls/ca.pem)",
+        )
+    return ConnectionProblem(
+        TLS_ERROR, f"the broker's certificate failed verification ({message})", _TLS_HINT
+    )
+
+
+def _tls_failure(
+    error: ssl.SSLError, where: str, own: CertificateValidity | None, now: dt.datetime
+) -> ConnectionProblem:
+    """A TLS failure other than our verdict on the broker's certificate."""
+    reason = getattr(error, "reason", None) or ""
+    if reason in _NOT_TLS_REASONS:
+        return ConnectionProblem(
+            PLAINTEXT,
+            f"{where} answered the TLS handshake with something that is not TLS",
+            "this is a plaintext port: use the broker's TLS port (8883 by default)",
+        )
+    if "ALERT" in reason and "PROTOCOL_VERSION" not in reason:
+        return _rejected_by_broker(reason, f"the broker at {where}", own, now)
+    return ConnectionProblem(TLS_ERROR, f"TLS with {where} failed: {error}", _TLS_HINT)
+
+
+def classify_connack(reason: int, text: str, where: str) -> ConnectionProblem:
+    """A CONNACK refusal (an MQTT 5 reason code; paho maps 3.1.1's return codes onto them)."""
+    if reason in _NOT_AUTHORISED_CODES:
+        return ConnectionProblem(
+            NOT_AUTHORISED,
+            f"the broker at {where} refused us: {text}",
+            "the broker does not accept this identity: check that the certificate has the "
+            "device id as its CN and that the broker runs the fleet's generated configuration",
+        )
+    if reason == 0x84:
+        return ConnectionProblem(
+            UNSUPPORTED_PROTOCOL,
+            f"the broker at {where} does not speak this MQTT version ({text})",
+            "pass --mqtt 3.1.1 (the embedded broker speaks only 3.1.1)",
+        )
+    return ConnectionProblem(
+        REFUSED_BY_BROKER,
+        f"the broker at {where} refused the connection: {text}",
+        "see the broker's log for why",
+    )
+
+
+def classify_disconnect(
+    reason: int, text: str, where: str, short_lived: int = 0
+) -> ConnectionProblem:
+    """The connection ended after it was up (`reason`: the broker's DISCONNECT code, or 0).
+    `short_lived`: how many connections in a row the broker closed soon after accepting them,
+    what a second client with our identity causes when the broker says nothing (Mosquitto
+    2.0.11 closes the older connection without a DISCONNECT)."""
+    if reason == 0x8E or short_lived >= TAKEOVER_LOSSES:
+        seen = (
+            "says another client took our session"
+            if reason == 0x8E
+            else f"closed our connection {short_lived} times in a row soon after accepting it"
+        )
+        return ConnectionProblem(
+            SESSION_TAKEN_OVER,
+            f"the broker at {where} {seen}: another client connects with our identity",
+            "two processes use one identity: is a second agent (or verifier instance) running "
+            "with this bundle?",
+        )
+    return ConnectionProblem(
+        CONNECTION_LOST,
+        f"the connection to {where} was lost ({text})",
+        "reconnecting; if this repeats, see the broker's log",
+    )
+
+
+def _tls_context(s: MqttSettings, *, tls12_only: bool = False) -> ssl.SSLContext:
+    """The client's TLS context: the fleet CA, our identity, TLS 1.2 or later. `tls12_only`
+    serves a diagnostic probe: under TLS 1.3 a server checks our certificate after the handshake
+    and just closes the connection, while under 1.2 it says why in an alert."""
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.ca))
+    except (OSError, ssl.SSLError) as e:
+        raise MqttError(
+            f"cannot load the fleet CA certificate {s.ca}: {e}",
+            hint="check the bundle's tls/ca.pem (or the fleet home's ca/ca.pem)",
+        ) from e
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls12_only:
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(str(s.cert), str(s.key))
+    except (OSError, ssl.SSLError) as e:
+        raise MqttError(f"cannot load the TLS client identity {s.cert}: {e}") from e
+    return context
+
+
+# An MQTT 3.1.1 CONNECT with an empty client id and a clean session: sent in plaintext to a port
+# that dropped our TLS handshake, to learn whether it is a plaintext MQTT listener.
+_PLAIN_CONNECT = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 10, 0, 0])
+
+
+def _probe_plaintext(host: str, port: int) -> bool:
+    """Whether `host:port` answers a plaintext MQTT CONNECT with a CONNACK."""
+    try:
+        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
+            sock.sendall(_PLAIN_CONNECT)
+            return sock.recv(1) == b"\x20"
+    except OSError:
+        return False
+
+
+def _probe_alert(s: MqttSettings) -> str | None:
+    """What the broker says of our certificate in a TLS 1.2 handshake: "" if it accepts it,
+    the OpenSSL reason of its alert if not, None if the probe cannot tell (TLS 1.3 only, the
+    network)."""
+    try:
+        context = _tls_context(s, tls12_only=True)
+        with (
+            socket.create_connection((s.host, s.port), timeout=CONNECT_TIMEOUT_S) as raw,
+            context.wrap_socket(raw, server_hostname=s.host),
+        ):
+            return ""
+    except ssl.SSLError as e:
+        reason = getattr(e, "reason", None) or ""
+        return reason if "ALERT" in reason and "PROTOCOL_VERSION" not in reason else None
+    except (OSError, MqttError):
+        return None
+
+
 class _BufferedPaho(paho.Client):
     """paho with buffered socket I/O. paho reads a packet in three or more calls (command byte,
     each length byte, body) and writes every packet (each PUBACK too) with its own TLS record and
@@ -131,6 +450,7 @@ class _BufferedPaho(paho.Client):
         self._rbuf, self._rpos = b"", 0
         self.room: Callable[[], bool] = lambda: True  # whether the owner can take a message
         self._wbuf: list[bytes] = []
+        self.read_error: OSError | None = None  # what the last failed read raised (diagnostics)
 
     def buffered(self) -> bool:
         """Whether received bytes wait in memory (select() cannot see them)."""
@@ -140,7 +460,13 @@ class _BufferedPaho(paho.Client):
         if not self.room():  # paho keeps its place in a packet and reads on later
             raise BlockingIOError
         if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(READ_CHUNK)  # BlockingIOError: nothing there yet
+            try:
+                data = super()._sock_recv(READ_CHUNK)  # BlockingIOError: nothing there yet
+            except BlockingIOError:
+                raise
+            except OSError as e:  # paho logs it to nobody and reports a lost connection
+                self.read_error = e
+                raise
             if len(data) <= bufsize:
                 return data  # b"": the broker closed the connection
             self._rbuf, self._rpos = data, 0
@@ -198,6 +524,27 @@ class MqttClient:
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # see _step
         self._up, self._first, self._attempt, self._next_attempt = False, True, 0, 0.0
+        self.where = (
+            f"[{settings.host}]:{settings.port}"
+            if ":" in settings.host
+            else (f"{settings.host}:{settings.port}")
+        )
+        self._problem: ConnectionProblem | None = None
+        self._reported = ""  # the cause last logged (logged again only when it changes)
+        self._opened = 0.0  # when the TCP and TLS handshakes of this connection succeeded
+        self._acked = False  # whether this connection got its CONNACK
+        self._refusal: ConnectionProblem | None = None  # a CONNACK refusal on this connection
+        self._dropped_by: tuple[int, str] | None = None  # the broker's DISCONNECT reason
+        self._connected_at: float | None = None  # when this connection got its CONNACK
+        self._short_lived = 0  # connections in a row that the broker closed before STABLE_S
+        self._said_connected = False  # mqtt_connected logged since the last warning
+        self.failed_attempts = 0  # connection attempts that failed since the last success
+        try:
+            self.identity: CertificateValidity | None = certificate_validity(
+                settings.cert.read_bytes()
+            )
+        except (OSError, FormatError):  # _make_client says why the identity cannot be used
+            self.identity = None
         # Written to when something is queued for sending, so the network thread wakes to send it.
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -217,13 +564,8 @@ class MqttClient:
             clean_session=None if s.protocol == 5 else s.clean_start,
             manual_ack=s.manual_ack,
         )
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(s.ca))
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(str(s.cert), str(s.key))
-        except (OSError, ssl.SSLError) as e:
-            raise MqttError(f"cannot load the TLS client identity {s.cert}: {e}") from e
-        client.tls_set_context(context)
+        client.tls_set_context(_tls_context(s))
+        client.connect_timeout = CONNECT_TIMEOUT_S
         client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)
         if s.will is not None:
@@ -237,16 +579,18 @@ class MqttClient:
 
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
-            self.last_error = f"connection refused: {rc}"
+            self._refusal = classify_connack(int(rc.value), str(rc), self.where)
             return
+        self._acked = True
         self._session += 1  # messages of the last connection come again if unacknowledged
         self.connected.set()
         for topic, (qos, as_published) in self._subscriptions.items():
             client.subscribe(topic, **self._subscribe_options(qos, as_published))
 
-    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+    def _on_disconnect(self, _c: paho.Client, _u: Any, flags: Any, rc: Any, _p: Any) -> None:
         self.connected.clear()
-        self.last_error = f"disconnected: {rc}"
+        if getattr(flags, "is_disconnect_packet_from_server", False):
+            self._dropped_by = (int(getattr(rc, "value", 0)), str(rc))
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         try:
@@ -341,9 +685,12 @@ class MqttClient:
                 return int(paho.MQTT_ERR_CONN_LOST)
             return int(rc)
 
-    def _connect(self) -> bool:
-        """One connection attempt (the TCP and TLS handshakes; the CONNACK arrives later)."""
+    def _connect(self) -> ConnectionProblem | None:
+        """One connection attempt (the TCP and TLS handshakes; the CONNACK arrives later):
+        None when they succeeded, else why not."""
         s = self.settings
+        self._acked, self._refusal, self._dropped_by = False, None, None
+        self._client.read_error = None
         try:
             with self._lock:
                 if self._first:
@@ -359,10 +706,96 @@ class MqttClient:
                     self._first = False
                 else:
                     self._client.reconnect()
-        except (OSError, ssl.SSLError) as e:
-            self.last_error = f"cannot connect to {s.host}:{s.port}: {e}"
-            return False
-        return True
+        except OSError as e:  # ssl.SSLError and socket.timeout are OSErrors
+            return self._handshake_failed(e)
+        self._opened = time.monotonic()
+        return None
+
+    # -- why a connection failed ---------------------------------------------------------------
+
+    def _handshake_failed(self, error: OSError) -> ConnectionProblem:
+        """The TCP connect or TLS handshake failed. A port that drops the handshake without a
+        word may be a plaintext listener: asked in plaintext MQTT, it answers."""
+        if isinstance(error, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
+            if _probe_plaintext(self.settings.host, self.settings.port):
+                return ConnectionProblem(
+                    PLAINTEXT,
+                    f"{self.where} dropped our TLS handshake and speaks MQTT without TLS",
+                    "this is a plaintext port: use the broker's TLS port (8883 by default)",
+                )
+            return ConnectionProblem(
+                TLS_ERROR, f"{self.where} closed the connection during the TLS handshake", _TLS_HINT
+            )
+        return classify_error(error, self.where, self.identity)
+
+    def _lost(self) -> ConnectionProblem:
+        """Why this connection ended: a CONNACK refusal, the broker's DISCONNECT, or (when it
+        ended before any CONNACK) the broker refusing our certificate, which under TLS 1.3 it
+        says only by closing: a TLS 1.2 probe hears its alert."""
+        if self._refusal is not None:
+            return self._refusal
+        read_error = self._client.read_error
+        if self._acked:
+            code, text = self._dropped_by or (0, str(read_error or "closed by the broker"))
+            up_since, self._connected_at = self._connected_at, None
+            if up_since is not None and time.monotonic() - up_since < STABLE_S:
+                self._short_lived += 1
+            else:
+                self._short_lived = 0
+            return classify_disconnect(code, text, self.where, self._short_lived)
+        if isinstance(read_error, ssl.SSLError) and "ALERT" in (read_error.reason or ""):
+            return classify_error(read_error, self.where, self.identity)
+        alert = _probe_alert(self.settings)
+        if alert == "":  # it accepts our certificate, yet closed before its CONNACK
+            return ConnectionProblem(
+                REFUSED_BY_BROKER,
+                f"the broker at {self.where} closed the connection before answering our CONNECT",
+                "see the broker's log for why",
+            )
+        return _rejected_by_broker(
+            alert or "", f"the broker at {self.where}", self.identity, dt.datetime.now(dt.UTC)
+        )
+
+    @property
+    def problem(self) -> ConnectionProblem | None:
+        """Why the client is not connected now (None while connected, or before its first
+        attempt has ended)."""
+        return None if self.connected.is_set() else self._problem
+
+    def _failed(self, problem: ConnectionProblem, retry_in: float) -> None:
+        """Record why the last attempt failed; log it when the cause is new."""
+        self._problem, self.last_error = problem, problem.line()
+        level = log.warning if problem.cause != self._reported else log.debug
+        if problem.cause != self._reported:
+            self._said_connected = False
+        self._reported = problem.cause
+        level(
+            "mqtt_connection_failed",
+            broker=self.where,
+            client_id=self.settings.client_id,
+            cause=problem.cause,
+            detail=problem.detail,
+            hint=problem.hint,
+            retry_in_s=round(retry_in, 1),
+        )
+
+    def _now_connected(self) -> None:
+        """Connected (called every turn): logged once, and again only after a logged failure;
+        a connection that stays up `STABLE_S` ends the streak of its causes."""
+        now = time.monotonic()
+        if self._connected_at is None:
+            self._connected_at = now
+            self._problem, self.failed_attempts = None, 0
+            if not self._said_connected:
+                self._said_connected = True
+                log.info(
+                    "mqtt_connected",
+                    broker=self.where,
+                    client_id=self.settings.client_id,
+                    attempts=self._attempt + 1,
+                )
+        elif self._reported and now - self._connected_at >= STABLE_S:
+            self._reported, self._short_lived = "", 0
 
     def _turn(self, timeout: float) -> None:
         """One turn of the connection: a (re)connection attempt when one is due (with jittered
@@ -370,8 +803,21 @@ class MqttClient:
         if self._up:
             if self._step(timeout) == paho.MQTT_ERR_SUCCESS:
                 if self.connected.is_set():
+                    self._now_connected()
                     self._attempt = 0
-                return
+                    return
+                if self._acked or time.monotonic() - self._opened < CONNACK_TIMEOUT_S:
+                    return
+                problem = ConnectionProblem(
+                    TIMEOUT,
+                    f"no CONNACK from {self.where} within {CONNACK_TIMEOUT_S:g} s of the TLS "
+                    "handshake",
+                    "check that this port is an MQTT broker's",
+                )
+                with self._lock:
+                    self._client._sock_close()  # our own override (_BufferedPaho)
+            else:
+                problem = self._lost()
             self._up = False
             self.connected.clear()
         else:
@@ -379,11 +825,16 @@ class MqttClient:
             if wait > 0:
                 self._stop.wait(min(wait, timeout))
                 return
-            self._up = self._connect()
-            if self._up:
+            failed = self._connect()
+            if failed is None:
+                self._up = True
                 return
-        self._next_attempt = time.monotonic() + self.settings.backoff.delay(self._attempt)
+            problem = failed
+        delay = self.settings.backoff.delay(self._attempt)
+        self._next_attempt = time.monotonic() + delay
         self._attempt += 1
+        self.failed_attempts += 1
+        self._failed(problem, delay)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -436,9 +887,13 @@ class MqttClient:
         else:
             connected = self.connected.wait(timeout)
         if not connected:
+            problem = self._problem
+            if problem is None:
+                raise MqttError(f"no connection to {self.where} within {timeout:g} s (no answer)")
             raise MqttError(
-                f"no connection to {self.settings.host}:{self.settings.port} within "
-                f"{timeout:g} s ({self.last_error or 'no answer'})"
+                f"no connection to {self.where} within {timeout:g} s ({problem.cause}: "
+                f"{problem.detail})",
+                hint=problem.hint,
             )
 
     # -- operations (never from a callback) ----------------------------------------------------
