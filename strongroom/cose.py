@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import cbor2
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from strongroom.errors import FormatError, SignatureError
 from strongroom.fields import Anything, Bytes, MapOf, Time, Tuple, load_cbor
@@ -159,20 +156,15 @@ def _protected_headers(protected: bytes, what: str) -> dict[Any, Any]:
     return headers
 
 
-@lru_cache(maxsize=8192)
-def _public_key(raw: bytes) -> ed25519.Ed25519PublicKey:
-    return ed25519.Ed25519PublicKey.from_public_bytes(raw)
-
-
 def verify(
     token: bytes | Sign1, key: VerifyKey, what: str, *, now: float | None = None
 ) -> dict[Any, Any]:
     """The claims of a token signed by `key` and valid at `now` (exp and nbf, with skew).
     SignatureError for a bad signature, FormatError for anything malformed or out of date."""
     parsed = token if isinstance(token, Sign1) else parse(token, what)
-    try:
-        _public_key(key.raw).verify(parsed.signature, parsed.to_be_signed())
-    except InvalidSignature as e:
+    try:  # libsodium, through strongroom.signing: about twice cryptography's rate here
+        key.verify_raw(parsed.to_be_signed(), parsed.signature)
+    except SignatureError as e:
         raise SignatureError(f"{what} signature does not verify") from e
     claims = load_cbor(parsed.payload, f"{what} payload", max_size=MAX_TOKEN, max_depth=MAX_DEPTH)
     if not isinstance(claims, dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.signing
 from cryptography.hazmat.primitives import serialization
@@ -40,9 +41,20 @@ class VerifyKey:
     def verify(self, domain: bytes, message: bytes, signature: bytes) -> None:
         """Raise SignatureError unless `signature` is this key's over `domain` and `message`."""
         try:
-            nacl.signing.VerifyKey(self.raw).verify(_framed(domain, message), signature)
-        except (nacl.exceptions.BadSignatureError, ValueError, TypeError) as e:
+            self.verify_raw(_framed(domain, message), signature)
+        except SignatureError as e:
             raise SignatureError(f"bad {domain.decode()} signature") from e
+
+    def verify_raw(self, message: bytes, signature: bytes) -> None:
+        """Raise SignatureError unless `signature` is a plain Ed25519 signature of this key over
+        `message` (for formats that carry their own domain separation, as COSE's Sig_structure
+        does). libsodium refuses small-order public keys and R points, and non-canonical S."""
+        if not isinstance(signature, bytes) or len(signature) != SIGNATURE_SIZE:
+            raise SignatureError(f"an Ed25519 signature has {SIGNATURE_SIZE} bytes")
+        try:  # detached verification, as libsodium's crypto_sign_open does it, with no wrapper
+            nacl.bindings.crypto_sign_open(signature + message, self.raw)
+        except (nacl.exceptions.BadSignatureError, ValueError, TypeError) as e:
+            raise SignatureError("bad Ed25519 signature") from e
 
     def to_pem(self) -> bytes:
         key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
@@ -64,10 +76,13 @@ class VerifyKey:
 class SigningKey:
     """An Ed25519 private key. Never printed, logged or compared by value."""
 
-    __slots__ = ("_key",)
+    __slots__ = ("_key", "_secret")
 
     def __init__(self, seed: bytes) -> None:
         self._key = nacl.signing.SigningKey(seed)
+        # seed || public key, the form libsodium's crypto_sign takes (PyNaCl's own `sign` adds
+        # a SignedMessage object and copies per signature, at the verifier's result rate)
+        _public, self._secret = nacl.bindings.crypto_sign_seed_keypair(bytes(self._key))
 
     @classmethod
     def generate(cls) -> SigningKey:
@@ -78,12 +93,12 @@ class SigningKey:
         return VerifyKey(bytes(self._key.verify_key))
 
     def sign(self, domain: bytes, message: bytes) -> bytes:
-        return self._key.sign(_framed(domain, message)).signature
+        return self.sign_raw(_framed(domain, message))
 
     def sign_raw(self, message: bytes) -> bytes:
         """A plain Ed25519 signature, for formats that carry their own domain separation
         (COSE's Sig_structure); everything else uses `sign` with a domain."""
-        return bytes(self._key.sign(message).signature)
+        return nacl.bindings.crypto_sign(message, self._secret)[:SIGNATURE_SIZE]
 
     def to_pem(self) -> bytes:
         key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(self._key))
