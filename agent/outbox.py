@@ -1,16 +1,21 @@
-"""A bounded on-disk queue of messages waiting for the broker: nothing is lost across a broker
-outage or an agent restart.
+"""Storage for the outbox: messages waiting for the broker, kept in order until it acknowledged
+them. The protocol (`agent.protocol`) decides what goes in and when an entry is done; this
+module only keeps them.
 
-One file per message (`<sequence>.msg`, CBOR {topic, payload}), written atomically before any
+`Outbox` is the agent's, on disk, so nothing is lost across a broker outage or an agent restart:
+one file per message (`<sequence>.msg`, CBOR {topic, payload}), written atomically before any
 attempt to send and removed only after the broker acknowledged it (QoS 1), so delivery is at least
-once and in order. When full, the oldest message is dropped with a warning (evidence is periodic;
-the newest says most).
+once and in order. `MemoryOutbox` is the same queue in memory, for the simulator's thousands of
+devices (a device that stops loses it). When full, either drops the oldest message with a warning
+(evidence is periodic; the newest says most).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import cbor2
 import structlog
@@ -23,9 +28,21 @@ DEFAULT_CAPACITY = 1000
 
 @dataclass(frozen=True)
 class Pending:
-    path: Path
+    entry: int  # its place in the queue (increasing)
     topic: str
     payload: bytes
+
+
+class OutboxStore(Protocol):
+    """What the protocol needs of an outbox's storage."""
+
+    def __len__(self) -> int: ...
+
+    def put(self, topic: str, payload: bytes) -> None: ...
+
+    def first(self) -> Pending | None: ...
+
+    def done(self, item: Pending) -> None: ...
 
 
 class Outbox:
@@ -40,6 +57,9 @@ class Outbox:
             (p for p in self._dir.glob("*.msg") if p.stem.isdigit()), key=lambda p: int(p.stem)
         )
 
+    def _path(self, entry: int) -> Path:
+        return self._dir / f"{entry:012d}.msg"
+
     def __len__(self) -> int:
         return len(self._files())
 
@@ -49,20 +69,58 @@ class Outbox:
             oldest = files.pop(0)
             oldest.unlink(missing_ok=True)
             log.warning("outbox_full_dropped_oldest", dropped=oldest.name)
-        path = self._dir / f"{self._next:012d}.msg"
+        path = self._path(self._next)
         self._next += 1
         write_atomic(path, cbor2.dumps({"topic": topic, "payload": payload}), SECRET_FILE)
 
+    def _read(self, path: Path) -> Pending | None:
+        try:
+            doc = cbor2.loads(path.read_bytes())
+            return Pending(int(path.stem), str(doc["topic"]), bytes(doc["payload"]))
+        except Exception as e:
+            log.error("outbox_entry_unreadable_dropped", entry=path.name, error=str(e))
+            path.unlink(missing_ok=True)
+            return None
+
     def pending(self) -> list[Pending]:
-        out = []
+        """Every readable entry, oldest first (unreadable ones are dropped)."""
+        return [item for path in self._files() if (item := self._read(path)) is not None]
+
+    def first(self) -> Pending | None:
+        """The oldest readable entry (unreadable ones before it are dropped)."""
         for path in self._files():
-            try:
-                doc = cbor2.loads(path.read_bytes())
-                out.append(Pending(path, str(doc["topic"]), bytes(doc["payload"])))
-            except Exception as e:
-                log.error("outbox_entry_unreadable_dropped", entry=path.name, error=str(e))
-                path.unlink(missing_ok=True)
-        return out
+            item = self._read(path)
+            if item is not None:
+                return item
+        return None
 
     def done(self, item: Pending) -> None:
-        item.path.unlink(missing_ok=True)
+        self._path(item.entry).unlink(missing_ok=True)
+
+
+class MemoryOutbox:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+        self._items: deque[Pending] = deque()
+        self._capacity, self._next = capacity, 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, topic: str, payload: bytes) -> None:
+        while len(self._items) >= self._capacity:
+            dropped = self._items.popleft()
+            log.warning("outbox_full_dropped_oldest", dropped=dropped.entry)
+        self._items.append(Pending(self._next, topic, payload))
+        self._next += 1
+
+    def pending(self) -> list[Pending]:
+        return list(self._items)
+
+    def first(self) -> Pending | None:
+        return self._items[0] if self._items else None
+
+    def done(self, item: Pending) -> None:
+        if self._items and self._items[0].entry == item.entry:
+            self._items.popleft()
+        else:  # out of order, or acknowledged twice (harmless)
+            self._items = deque(i for i in self._items if i.entry != item.entry)

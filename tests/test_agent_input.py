@@ -1,6 +1,6 @@
 """No message stops the agent: whatever a handler raises while handling one message is logged and
 the daemon goes on. The daemon is built on a real enrolled bundle; its MQTT client is never
-started."""
+started. (The protocol's own handling of bad input is in tests/test_device_protocol.py.)"""
 
 from __future__ import annotations
 
@@ -36,10 +36,10 @@ def test_a_defect_met_by_one_message_is_logged_and_the_agent_goes_on(
 ) -> None:
     daemon = _daemon(tmp_path, fleet_home)
 
-    def broken(payload: bytes) -> None:
+    def broken(payload: bytes, now: float) -> None:
         raise KeyError("a defect in the handler")
 
-    monkeypatch.setattr(daemon, "on_keys", broken)
+    monkeypatch.setattr(daemon.protocol, "_on_keys", broken)
     response = messages.KeyResponse(b"n" * 32, (), ()).encode()
     msg = Inbound(topics.device_topic("cam-a", topics.KEYS_RESPONSE), response, False)
     with capture_logs() as logs:

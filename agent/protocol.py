@@ -1,0 +1,370 @@
+"""The device's side of the Strongroom protocol, as one object that does no I/O.
+
+`DeviceProtocol` is fed what happens (the connection came up or went away, a message arrived,
+time passed, an action it asked for was carried out or failed) together with the time, and
+answers with what to do next: messages to publish and actions for its driver (make evidence,
+load released keys, obey a revoke command). It never touches a socket, the enclave, the clock or
+the random number generator: the time comes in as an argument, a nonce it does not choose is
+left to the enclave (`MakeEvidence(nonce=None)`). Every transport drives this same object: the
+agent daemon over the paho adapter (`agent/daemon.py`), each of the simulator's virtual devices
+over its aiomqtt connection (`device_sim/device.py`), and the tests, without sockets.
+
+What it covers (docs/protocol.md has the messages):
+
+- on each connect: deliver what waits in the outbox, in order, then announce `online`;
+- a challenge: a key request while some artifact lacks its key or a lease is due (once the
+  outbox is delivered, so evidence reaches the verifier in sequence order), else evidence;
+- a key response is believed only if it answers the outstanding request's nonce; released keys
+  go to the enclave and their renewal times are kept; once loaded, fresh evidence says so;
+- a revoke command counts only if signed with the verifier's result key and addressed to this
+  device; the retained copy of a command already obeyed is ignored; once the enclave obeyed,
+  status `revoked` carries the command's nonce, and a command refused is reported in `online`;
+- evidence of its own every `attest_interval_s` (and at start); while keys are missing (and the
+  device is not revoked), `online` again every `key_retry_s` to be challenged again;
+- the outbox: evidence is queued, sent one at a time in order, and removed only once the broker
+  acknowledged it (`published`); a failed send leaves it, and the rest, for later.
+
+The outbox's storage is the one seam that does I/O: an `OutboxStore` passed in (the agent's
+is on disk, `agent.outbox.Outbox`; the simulator's is in memory, `agent.outbox.MemoryOutbox`).
+The protocol calls it synchronously; it holds no sockets and no secrets.
+
+Driver contract: perform the outputs of one call in order, one at a time, and feed each action's
+result back (`published`/`publish_failed`, `evidence_made`, `keys_loaded`, `revoke_done`/
+`revoke_failed`) before performing the next output; results may return outputs of their own,
+which come before the rest (depth first, as if the calls were nested). A message that is
+rejected (malformed, forged, foreign) is logged and answered with nothing; it never raises.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import structlog
+
+from agent.outbox import OutboxStore, Pending
+from strongroom import messages, topics
+from strongroom.commands import verify_command
+from strongroom.errors import IntegrityError, StrongroomError
+from strongroom.signing import VerifyKey
+
+log = structlog.get_logger()
+DEFAULT_INTERVAL_S = 300.0
+KEY_RETRY_S = 15.0  # while artifacts lack keys, announce again this often to get a challenge
+OUTBOX_RETRY_S = 1.0  # while connected, a send that failed is tried again after this long
+SUBSCRIBED = (topics.CHALLENGE, topics.KEYS_RESPONSE, topics.COMMAND)
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    device_id: str
+    result_key: VerifyKey  # the verifier's: it signs commands
+    artifacts: Mapping[str, str]  # key id -> artifact name (for logs), in the device's order
+    attest_interval_s: float = DEFAULT_INTERVAL_S
+    key_retry_s: float = KEY_RETRY_S
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish this; report `published` once the broker acknowledged it, else `publish_failed`."""
+
+    topic: str
+    payload: bytes
+    leaf: str  # what it is: topics.EVIDENCE, topics.KEYS_REQUEST or topics.STATUS
+    qos: int = 1
+    retain: bool = False
+    entry: Pending | None = None  # the outbox entry it delivers
+
+
+@dataclass(frozen=True)
+class MakeEvidence:
+    """Have the enclave make evidence for `nonce` (None: a fresh nonce of the enclave's own),
+    then report `evidence_made`. With `key_ids`, the evidence goes into a key request for them."""
+
+    nonce: bytes | None
+    key_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LoadKeys:
+    """Load each released key's artifact into the enclave, then report `keys_loaded` with those
+    the enclave refused. `refused` lists what the key broker would not release (for the record:
+    nothing to do)."""
+
+    keys: tuple[messages.ReleasedKey, ...]
+    refused: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Revoke:
+    """Relay this signed command to the enclave (which checks it too and wipes itself) and
+    delete what it sealed; then report `revoke_done` with its reason, or `revoke_failed`."""
+
+    command: bytes
+    nonce: bytes
+
+
+Output = Publish | MakeEvidence | LoadKeys | Revoke
+
+
+def _due(last: float, every: float, now: float) -> bool:
+    """Whether `every` seconds have passed since `last` (a clock set back counts as due)."""
+    return now - last >= every or now < last
+
+
+class DeviceProtocol:
+    """One device's protocol state (see the module docstring for the driver contract)."""
+
+    def __init__(self, config: ProtocolConfig, outbox: OutboxStore) -> None:
+        self.config, self.outbox = config, outbox
+        self.missing: dict[str, None] = {}  # key ids waiting for the fleet's key (ordered)
+        self.renew_at: dict[str, float] = {}  # key id -> when to renew its lease (epoch s)
+        self.revoked = False
+        self.sent = 0  # evidence delivered from the outbox
+        self.connected_now = False
+        self._last_attest = float("-inf")  # attest at start
+        self._last_announce = float("-inf")
+        self._requested_nonce: bytes | None = None
+        self._last_command = b""
+        self._in_flight: Pending | None = None  # the outbox entry being sent
+        # what waits for the outbox's delivery: an announcement, a challenge's key request
+        self._after_flush: list[tuple[str, bytes]] = []
+
+    # -- what the driver asks ------------------------------------------------------------------
+
+    def topic(self, leaf: str) -> str:
+        return topics.device_topic(self.config.device_id, leaf)
+
+    def subscriptions(self) -> tuple[str, ...]:
+        return tuple(self.topic(leaf) for leaf in SUBSCRIBED)
+
+    def will(self) -> tuple[str, bytes]:
+        """The last will (topic, payload): the broker marks the device offline if it vanishes."""
+        return self.topic(topics.STATUS), messages.Status("offline", 0).encode()
+
+    def needed_keys(self, now: float) -> list[str]:
+        """Keys to ask for: those of artifacts without a key and those whose lease is due."""
+        due = [k for k, at in self.renew_at.items() if at <= now and k not in self.missing]
+        return [*self.missing, *due]
+
+    def next_tick_at(self, now: float) -> float:
+        """When `tick` next has something to do (for drivers that sleep until then)."""
+        at = self._last_attest + self.config.attest_interval_s
+        if self.connected_now and not self.revoked and self.needed_keys(now):
+            at = min(at, self._last_announce + self.config.key_retry_s)
+        if self.connected_now and self._in_flight is None and len(self.outbox):
+            at = min(at, now + OUTBOX_RETRY_S)
+        return at
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def enclave_started(self, unsealed: Iterable[str], needing_keys: Iterable[str]) -> None:
+        """The enclave is up: `unsealed` artifacts opened from their sealed keys (renewed at the
+        first chance: their lease is not known), `needing_keys` wait for the fleet's."""
+        for key_id in unsealed:
+            self.renew_at[key_id] = 0.0
+        for key_id in needing_keys:
+            self.missing[key_id] = None
+
+    def connected(self, now: float) -> list[Output]:
+        """After each (re)connect: deliver what waited, then say we are online."""
+        self.connected_now, self._in_flight = True, None
+        return self._announce(now)
+
+    def disconnected(self, now: float) -> list[Output]:
+        """The connection is gone: a challenge that waited for the outbox is answered with
+        evidence queued there (as when the delivery failed)."""
+        self.connected_now, self._in_flight = False, None
+        return self._flush_ended(now, delivered=False)
+
+    def tick(self, now: float) -> list[Output]:
+        """Time passed: announce again while keys are missing, attest every interval, retry
+        the outbox."""
+        out: list[Output] = []
+        if (
+            self.connected_now
+            and not self.revoked
+            and self.needed_keys(now)
+            and _due(self._last_announce, self.config.key_retry_s, now)
+        ):
+            out += self._announce(now)  # still waiting for keys: ask for a new challenge
+        if _due(self._last_attest, self.config.attest_interval_s, now):
+            out += self.attest(now)
+        elif self.connected_now and self._in_flight is None and len(self.outbox):
+            out += self.flush(now)
+        return out
+
+    def received(self, topic: str, payload: bytes, now: float) -> list[Output]:
+        """A message from the broker. One that is malformed, forged or not ours is logged and
+        answered with nothing: no input stops the device."""
+        try:
+            device_id, leaf = topics.parse(topic)
+            if device_id != self.config.device_id:
+                return []
+            if leaf == topics.CHALLENGE:
+                return self._on_challenge(payload, now)
+            if leaf == topics.KEYS_RESPONSE:
+                return self._on_keys(payload, now)
+            if leaf == topics.COMMAND and payload:  # empty: a cleared retained command
+                return self._on_command(payload, now)
+        except StrongroomError as e:
+            log.warning("message_rejected", topic=topic[:120], reason=str(e))
+        except Exception as e:  # a defect met by this input: the device goes on all the same
+            log.error("message_failed", topic=topic[:120], error=type(e).__name__, exc_info=e)
+        return []
+
+    def attest(self, now: float, nonce: bytes | None = None) -> list[Output]:
+        """Evidence (for a challenge's nonce, or the enclave's own), queued and sent."""
+        self._last_attest = now
+        return [MakeEvidence(nonce)]
+
+    def flush(self, now: float) -> list[Output]:
+        """Send the oldest waiting outbox entry (the next follows once it is acknowledged)."""
+        if self._in_flight is not None:
+            return []  # its acknowledgement sends the next
+        if not self.connected_now:
+            return self._flush_ended(now, delivered=False)
+        entry = self.outbox.first()
+        if entry is None:
+            return self._flush_ended(now, delivered=True)
+        self._in_flight = entry
+        leaf = entry.topic.removeprefix(self.topic(""))
+        return [Publish(entry.topic, entry.payload, leaf, entry=entry)]
+
+    def goodbye(self, now: float) -> list[Publish]:
+        """Stopping, while connected: mark ourselves offline (the will covers a device that
+        vanishes)."""
+        return [self._status("offline", now)]
+
+    # -- results of what the driver did ------------------------------------------------------
+
+    def published(self, done: Publish, now: float) -> list[Output]:
+        if done.entry is None:
+            return []
+        self.outbox.done(done.entry)
+        self.sent += 1
+        self._in_flight = None
+        return self.flush(now)
+
+    def publish_failed(self, failed: Publish, reason: str, now: float) -> list[Output]:
+        if failed.entry is not None:
+            self._in_flight = None
+            log.info("outbox_waits", pending=len(self.outbox), reason=reason)
+            return self._flush_ended(now, delivered=False)
+        if failed.leaf == topics.KEYS_REQUEST:
+            log.warning("reply_not_sent", reason=reason)
+        else:
+            log.warning("status_not_published", reason=reason)
+        return []
+
+    def evidence_made(self, request: MakeEvidence, token: bytes, now: float) -> list[Output]:
+        if request.key_ids:
+            assert request.nonce is not None  # noqa: S101 - key requests answer a challenge
+            self._requested_nonce = request.nonce
+            key_request = messages.KeyRequest(token, request.key_ids).encode()
+            log.info("keys_requested", keys=len(request.key_ids))
+            return [Publish(self.topic(topics.KEYS_REQUEST), key_request, topics.KEYS_REQUEST)]
+        self.outbox.put(self.topic(topics.EVIDENCE), token)
+        return self.flush(now)
+
+    def evidence_failed(self, request: MakeEvidence, reason: str, now: float) -> list[Output]:
+        """The enclave could not make evidence (the driver decides whether that is fatal)."""
+        log.warning("evidence_not_made", reason=reason[:300], for_keys=bool(request.key_ids))
+        return []
+
+    def keys_loaded(
+        self, request: LoadKeys, refused_by_enclave: Mapping[str, str], now: float
+    ) -> list[Output]:
+        """The keys of `request` were loaded but those in `refused_by_enclave` (key id ->
+        reason); fresh evidence then tells the fleet what the enclave runs now."""
+        for key in request.keys:
+            name = self.config.artifacts.get(key.key_id, key.key_id)
+            if key.key_id in refused_by_enclave:
+                reason = refused_by_enclave[key.key_id]
+                log.error("released_key_refused_by_enclave", artifact=name, reason=reason)
+                continue
+            self.missing.pop(key.key_id, None)
+            self.renew_at[key.key_id] = key.renew_at
+            log.info("artifact_loaded_with_released_key", artifact=name, lease_until=key.until)
+        return self.attest(now) if request.keys else []
+
+    def revoke_done(self, request: Revoke, reason: str, now: float) -> list[Output]:
+        self._last_command = request.nonce
+        self.missing = dict.fromkeys(self.config.artifacts)
+        self.renew_at.clear()
+        self.revoked = True
+        log.warning("revoked", reason=reason)
+        return [self._status("revoked", now, report=reason, command=request.nonce)]
+
+    def revoke_failed(self, request: Revoke, reason: str, now: float) -> list[Output]:
+        return self._command_ignored(reason, now)
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _announce(self, now: float) -> list[Output]:
+        self._last_announce = now
+        self._after_flush.append(("announce", b""))
+        return self.flush(now)
+
+    def _flush_ended(self, now: float, *, delivered: bool) -> list[Output]:
+        """The outbox is delivered (or a send failed): what waited for it goes now."""
+        waiting, self._after_flush = self._after_flush, []
+        out: list[Output] = []
+        for what, nonce in waiting:
+            if what == "announce":
+                if self.connected_now:
+                    out.append(self._status("online", now))
+                continue
+            needed = self.needed_keys(now)
+            if delivered and needed:
+                self._last_attest = now
+                out.append(MakeEvidence(nonce, tuple(needed)))
+            else:
+                out += self.attest(now, nonce)
+        return out
+
+    def _on_challenge(self, payload: bytes, now: float) -> list[Output]:
+        challenge = messages.Challenge.decode(payload)
+        if self.needed_keys(now):
+            self._after_flush.append(("keys", challenge.nonce))
+            return self.flush(now)
+        return self.attest(now, challenge.nonce)
+
+    def _on_keys(self, payload: bytes, now: float) -> list[Output]:
+        response = messages.KeyResponse.decode(payload)
+        if response.nonce != self._requested_nonce:
+            log.warning("key_response_ignored", reason="it answers no request of ours")
+            return []
+        self._requested_nonce = None
+        if response.keys:
+            self.revoked = False  # keyed again: reinstated
+        for key_id, reason in response.refused:
+            log.warning("key_refused", key_id=key_id, reason=reason)
+        keys = tuple(k for k in response.keys if k.key_id in self.config.artifacts)
+        if not keys and not response.refused:
+            return []
+        return [LoadKeys(keys, response.refused)]
+
+    def _on_command(self, payload: bytes, now: float) -> list[Output]:
+        try:
+            command = verify_command(payload, self.config.result_key)
+            if command.device_id != self.config.device_id:
+                raise IntegrityError(f"command is addressed to {command.device_id}")
+        except StrongroomError as e:
+            return self._command_ignored(str(e), now)
+        if command.nonce == self._last_command:
+            return []  # the retained copy of a command already carried out
+        return [Revoke(payload, command.nonce)]
+
+    def _command_ignored(self, reason: str, now: float) -> list[Output]:
+        log.warning("command_ignored", reason=reason)
+        return [self._status("online", now, report=f"ignored a command: {reason}"[:300])]
+
+    def _status(self, state: str, now: float, report: str = "", command: bytes = b"") -> Publish:
+        """`command`: with `revoked`, the nonce of the command obeyed (the verifier counts a
+        confirmation only of a command it sent)."""
+        status = messages.Status(state, now, report, command).encode()
+        return Publish(self.topic(topics.STATUS), status, topics.STATUS, retain=True)
