@@ -19,7 +19,9 @@ from agent.daemon import AgentConfig, AgentDaemon
 from agent.host import EnclaveHost, EnclaveInfo, HostConfig, WrappedKey, read_bundle_info
 from agent.launcher import Launcher
 from agent.local_api import call
+from agent.lock import AgentLock
 from agent.privsep import DeviceUsers, separate
+from strongroom.cliargs import positive_float
 from strongroom.errors import EnvironmentFault, InputError
 from strongroom.fsutil import make_private_dir
 from strongroom.mqtt import add_mqtt_version, mqtt_protocol, parse_broker_url
@@ -96,13 +98,33 @@ def _agent_paths(args: argparse.Namespace) -> tuple[Path, Path]:
 
 def _agent_run(args: argparse.Namespace) -> int:
     read_bundle_info(args.bundle)  # a clear error for a wrong path before anything starts
+    parse_broker_url(args.broker)
+    state, _socket = _agent_paths(args)
+    if os.geteuid() != 0:
+        make_private_dir(state)
+    # One agent per bundle, refused before anything starts. As root the state directory is made
+    # by the separation (never through a link): on a first run the lock is taken after it.
+    lock = AgentLock.acquire(state)
+    launcher = None
+    try:
+        launcher = _separation(args, state)  # as root it makes the state directory
+        make_private_dir(state)
+        lock = lock or AgentLock.acquire(state)
+        _serve(args, launcher)
+    finally:
+        if launcher is not None:
+            launcher.close()
+        if lock is not None:
+            lock.release()
+    return 0
+
+
+def _serve(args: argparse.Namespace, launcher: Launcher | None) -> None:
     host, port = parse_broker_url(args.broker)
     image = args.image or args.bundle / "enclave.img"
     artifacts_dir = args.artifacts or args.bundle / "artifacts"
     artifacts = tuple(sorted(artifacts_dir.glob("*.sra"))) if artifacts_dir.is_dir() else ()
     state, socket_path = _agent_paths(args)
-    launcher = _separation(args, state)  # as root it makes the state directory, never via a link
-    make_private_dir(state)
     config = AgentConfig(
         bundle=args.bundle,
         broker_host=host,
@@ -118,15 +140,22 @@ def _agent_run(args: argparse.Namespace) -> int:
     )
     daemon = AgentDaemon(config, launcher)
     stop = stop_event()
+    identity = daemon.mqtt.identity
     log.info(
-        "agent_starting", device=daemon.device_id, broker=args.broker, artifacts=len(artifacts)
+        "agent_starting",
+        device=daemon.device_id,
+        broker=daemon.mqtt.where,
+        mqtt=args.mqtt,
+        certificate=identity.subject if identity else None,
+        certificate_expires=identity.not_after.isoformat() if identity else None,
+        socket=str(socket_path),
+        state=str(state),
+        image=str(image),
+        artifacts=len(artifacts),
+        privilege_separation=launcher is not None,
+        pid=os.getpid(),
     )
-    try:
-        daemon.run(stop)
-    finally:
-        if launcher is not None:
-            launcher.close()
-    return 0
+    daemon.run(stop)
 
 
 def _agent_invoke(args: argparse.Namespace) -> int:
@@ -168,11 +197,13 @@ def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> No
     p.add_argument("--artifacts", type=Path, help="directory of *.sra (default: BUNDLE/artifacts)")
     p.add_argument("--state", type=Path, help="host state directory (default: BUNDLE/state)")
     p.add_argument("--socket", type=Path, help="local API socket (default: STATE/agent.sock)")
-    p.add_argument("--interval", type=float, default=300.0, help="seconds between attestations")
+    p.add_argument(
+        "--interval", type=positive_float, default=300.0, help="seconds between attestations"
+    )
     p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
     _add_separation_options(p)
     add_mqtt_version(p)
-    p.set_defaults(handler=_agent_run)
+    p.set_defaults(handler=_agent_run, daemon=True)
 
     p = agent.add_parser("invoke", help="call protected code through the running agent")
     p.add_argument("entrypoint", metavar="MODULE:FUNCTION")
@@ -180,7 +211,7 @@ def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> No
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--state", type=Path)
     p.add_argument("--socket", type=Path)
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--timeout", type=positive_float, default=60.0, metavar="S")
     p.set_defaults(handler=_agent_invoke)
 
     enclave = groups["enclave"]
@@ -193,7 +224,7 @@ def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> No
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--state", type=Path, required=True, help="host state directory (sealed keys)")
     p.add_argument("--artifact", type=Path, action="append", default=[], metavar="ARTIFACT")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=positive_float, default=10.0, metavar="S")
     p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
     p.add_argument(
         "--dev-keys-from",

@@ -12,13 +12,14 @@ import json
 import os
 import socket
 import socketserver
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from agent.errors import InvokeError
-from strongroom.errors import InputError, StrongroomError
+from strongroom.errors import EnvironmentFault, InputError, StrongroomError
 
 MAX_REQUEST = 1024 * 1024
 MAX_SOCKET_PATH = 100
@@ -54,18 +55,50 @@ class _Server(socketserver.ThreadingUnixStreamServer):
         super().__init__(str(path), _Handler)
 
 
+def _remove_stale(path: Path) -> None:
+    """Remove what is left of an earlier agent's socket at `path`; refuse to touch anything
+    else: a socket some process still serves, or a file that is not a socket at all."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise InputError(
+            f"{path} exists and is not a socket", hint="pass another --socket, or remove it"
+        )
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # nobody listens: a stale socket
+        except OSError as e:
+            raise EnvironmentFault(f"cannot check the socket {path}: {e.strerror}") from e
+        else:
+            raise EnvironmentFault(
+                f"another process serves the local API at {path}",
+                hint="is another agent running? stop it, or pass another --socket",
+            )
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
 class LocalApi:
+    """The server. It removes only a stale socket at its path when it starts, and only the
+    socket it made itself when it stops (one that has since been replaced stays)."""
+
     def __init__(self, path: Path, invoke: Invoke) -> None:
         if len(str(path)) > MAX_SOCKET_PATH:
             raise InputError(f"socket path is too long: {path}", hint="pass a shorter --socket")
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        _remove_stale(path)
         old = os.umask(0o177)  # the socket is created 0600
         try:
             self._server = _Server(path, invoke)
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        st = path.lstat()
+        self._made = (st.st_dev, st.st_ino)  # which file is ours, to remove it and no other
         self.path = path
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -74,10 +107,16 @@ class LocalApi:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) == self._made:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
 
 
 def call(path: Path, entrypoint: str, value: Any, timeout: float = 60.0) -> Any:

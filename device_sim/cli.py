@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from device_sim.scenarios import SCENARIOS, parse_scenarios
-from strongroom.errors import InputError
+from strongroom.cliargs import non_negative_int, positive_float, positive_int
 
 SMALL_FLEET = 16  # up to this many devices, enclaves run as processes by default
 
@@ -15,8 +15,6 @@ SMALL_FLEET = 16  # up to this many devices, enclaves run as processes by defaul
 def _sim_run(args: argparse.Namespace) -> int:
     from device_sim.runner import SimConfig, run  # noqa: PLC0415 - aiomqtt only when simulating
 
-    if args.devices < 1 or args.duration <= 0 or args.interval < 1:
-        raise InputError("devices, duration and interval must be positive")
     enclave = args.enclave or ("process" if args.devices <= SMALL_FLEET else "inline")
     workers = args.workers or (1 if args.devices <= 500 else 2)
     config = SimConfig(
@@ -39,11 +37,11 @@ def register(groups: dict[str, Any]) -> None:
         "run", help="run virtual devices (healthy and attacked) and write a scorecard"
     )
     p.add_argument("--home", type=Path, required=True, help="the simulator's fleet home (created)")
-    p.add_argument("--devices", type=int, default=len(SCENARIOS))
+    p.add_argument("--devices", type=positive_int, default=len(SCENARIOS))
     p.add_argument(
         "--scenarios", default="all", help=f"comma-separated, or all: {', '.join(SCENARIOS)}"
     )
-    p.add_argument("--duration", type=float, default=30.0, metavar="S")
+    p.add_argument("--duration", type=positive_float, default=30.0, metavar="S")
     p.add_argument("--report", type=Path, default=Path("scorecard.json"), metavar="FILE")
     p.add_argument(
         "--enclave",
@@ -53,12 +51,17 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--broker", metavar="URL", help="use this broker and its verifier")
     p.add_argument(
         "--interval",
-        type=int,
+        type=positive_int,
         default=30,
         help="attestation interval of a new simulator home's policy (s)",
     )
     p.add_argument(
-        "--grace", type=int, default=5, help="offline grace of a new simulator home (seconds)"
+        "--grace",
+        type=non_negative_int,
+        default=5,
+        help="offline grace of a new simulator home (seconds)",
     )
-    p.add_argument("--workers", type=int, help="device processes (default: 1, 2 above 500)")
+    p.add_argument(
+        "--workers", type=positive_int, help="device processes (default: 1, 2 above 500)"
+    )
     p.set_defaults(handler=_sim_run)

@@ -52,7 +52,14 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
         preexec_fn=_child_setup(os.getpid()),  # noqa: PLW1509 - single-threaded here
         **as_user,
     )
-    log.info("broker_started", pid=child.pid, user=user.name, state=str(files.state_dir))
+    log.info(
+        "broker_started",
+        pid=child.pid,
+        user=user.name,
+        config=str(files.config),
+        crl=str(files.crl),
+        state=str(files.state_dir),
+    )
     reload_requested, failed = False, list[str]()
 
     def pass_on(signum: int, _frame: FrameType | None) -> None:

@@ -16,6 +16,8 @@ from provisioning.enroll import enroll_device
 from provisioning.home import init_home, open_home
 from provisioning.seal import inspect_artifact, seal_artifact
 from strongroom.artifact import DEFAULT_CHUNK_SIZE, KINDS
+from strongroom.cliargs import int_range
+from strongroom.fields import MAX_VERSION
 
 log = structlog.get_logger()
 
@@ -156,8 +158,9 @@ def register(groups: dict[str, Any]) -> None:
     p = enclave.add_parser("build", help="build a signed, reproducible enclave image")
     p.add_argument("src", type=Path, metavar="SRC_DIR")
     _home_arg(p)
+    # the range is checked by build_enclave, whose message names the SVN
     p.add_argument("--svn", type=int, required=True, help="security version number")
-    p.add_argument("--product-id", type=int, default=1)
+    p.add_argument("--product-id", type=int_range(0, 65535), default=1)
     p.add_argument("--out", type=Path, required=True, metavar="IMAGE")
     p.add_argument("--debug", action="store_true", help="mark the image as a debug build")
     p.set_defaults(handler=_enclave_build)
@@ -166,10 +169,15 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("file", type=Path, metavar="FILE")
     _home_arg(p)
     p.add_argument("--name", required=True)
-    p.add_argument("--version", type=int, required=True)
+    p.add_argument("--version", type=int_range(1, MAX_VERSION), required=True)
     p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--out", type=Path, required=True, metavar="ARTIFACT")
-    p.add_argument("--min-svn", type=int, default=1, help="lowest enclave SVN that gets the key")
+    p.add_argument(
+        "--min-svn",
+        type=int_range(0, MAX_VERSION),
+        default=1,
+        help="lowest enclave SVN that gets the key",
+    )
     p.add_argument("--min-firmware", default="0.0.0", metavar="X.Y.Z")
     p.add_argument(
         "--measurement",
@@ -178,6 +186,7 @@ def register(groups: dict[str, Any]) -> None:
         metavar="MRENCLAVE",
         help="release the key only to this enclave measurement (repeatable)",
     )
+    # checked by seal_artifact, whose message names the limits
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=argparse.SUPPRESS)
     p.set_defaults(handler=_artifact_seal)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, NoReturn
 
 from strongroom import __version__, logs
 from strongroom.errors import EnvironmentFault, InputError, StrongroomError
@@ -150,16 +150,32 @@ def _dev_keys(home: Path, enclave: Any, artifact: Path) -> Any:
     return devkeys.dev_wrapped_key(home, enclave, artifact)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, as every other error is (`strongroom: error: ...`), with the
+    command's --help to read; exit status 2. Subcommand parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("strongroom").strip()
+        where = f"{command}: " if command else ""
+        self.exit(
+            EXIT_USAGE,
+            f"strongroom: error: {where}{message}; see `{self.prog} --help`\n",
+        )
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv`: every role is listed, but only the modules of the role `argv`
     names are imported (all of them when `argv` is None, e.g. for tests of the whole CLI)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="strongroom",
         description="Keep proprietary code and ML models secret on edge devices.",
     )
     parser.add_argument("--version", action="version", version=f"strongroom {__version__}")
     parser.add_argument(
-        "--log-level", default="warning", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default: info for daemons (they say at start what they serve, where they connect "
+        "and as whom), warning for one-shot commands",
     )
     parser.add_argument("--log-json", action="store_true", help="log JSON lines even on a terminal")
     roles = parser.add_subparsers(dest="role", metavar="ROLE", required=True)
@@ -207,11 +223,23 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(keep=not args.clean, stay=args.stay)
 
 
+def _log_level(args: argparse.Namespace) -> str:
+    """The level asked for, else `info` for a daemon (a command that registered `daemon=True`,
+    or a function of its arguments that says whether this run is one) and `warning` for a
+    one-shot command, which then prints only its answer."""
+    if args.log_level:
+        return str(args.log_level)
+    daemon = getattr(args, "daemon", False)
+    if callable(daemon):
+        daemon = daemon(args)
+    return "info" if daemon else "warning"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    logs.configure(args.log_level, json=True if args.log_json else None)
+    logs.configure(_log_level(args), json=True if args.log_json else None)
     handler: Handler = args.handler
     try:
         return handler(args)

@@ -10,7 +10,8 @@ from typing import Any
 import structlog
 
 from provisioning.broker import DEFAULT_PORT, broker_user, find_mosquitto, write_broker_config
-from provisioning.home import open_home
+from provisioning.home import MAX_VERIFIER_INSTANCES, FleetHome, open_home
+from strongroom.cliargs import int_range, port, positive_float
 from strongroom.errors import IntegrityError
 from strongroom.mqtt import (
     MqttClient,
@@ -35,7 +36,13 @@ def _broker_run(args: argparse.Namespace) -> int:
     if args.embedded:
         from provisioning.embedded_broker import run_embedded  # noqa: PLC0415 - optional extra
 
-        log.info("embedded_broker_starting", port=args.port, bind=args.bind, mqtt="3.1.1")
+        log.info(
+            "embedded_broker_starting",
+            fleet=home.fleet_id,
+            listener=f"{args.bind}:{args.port}",
+            mqtt="3.1.1",
+            tls="fleet CA, client certificates required",
+        )
         run_embedded(home, args.port, args.bind)
         return 0
     from provisioning.broker_supervisor import run_broker  # noqa: PLC0415 - this command only
@@ -44,7 +51,15 @@ def _broker_run(args: argparse.Namespace) -> int:
     files = write_broker_config(
         home, port=args.port, bind=args.bind, state_dir=args.state_dir, user=broker_user(args.user)
     )
-    log.info("broker_starting", port=args.port, bind=args.bind, config=str(files.config))
+    log.info(
+        "broker_starting",
+        fleet=home.fleet_id,
+        listener=f"{args.bind}:{args.port}",
+        config=str(files.config),
+        crl=str(home.crl_path),
+        state=str(files.state_dir),
+        user=files.user.name,
+    )
     return run_broker(home, files)
 
 
@@ -76,11 +91,22 @@ def _verifier_run(args: argparse.Namespace) -> int:
         mqtt,
     )
     stop = stop_event()
+    metrics = None
     if args.metrics_port is not None:
         verifier.metrics.serve(args.metrics_port, args.metrics_bind)
-        log.info("metrics_serving", url=f"http://{args.metrics_bind}:{args.metrics_port}/metrics")
+        metrics = f"http://{args.metrics_bind}:{args.metrics_port}/metrics"
+        log.info("metrics_serving", url=metrics)
     mqtt.start()
-    log.info("verifier_started", broker=args.broker, devices=len(verifier.devices))
+    log.info(
+        "verifier_started",
+        fleet=home.fleet_id,
+        broker=mqtt.where,
+        identity=cn,
+        store=_store_name(args, home),
+        shared=args.shared,
+        metrics=metrics,
+        devices=len(verifier.devices),
+    )
     try:
         verifier.run(stop.is_set)
     finally:
@@ -88,6 +114,14 @@ def _verifier_run(args: argparse.Namespace) -> int:
         store.close()
         log.info("verifier_stopped", **verifier.counts)
     return 0
+
+
+def _store_name(args: argparse.Namespace, home: FleetHome) -> str:
+    """Where the state store is, without a PostgreSQL URL's password."""
+    if args.db and is_postgres_url(args.db):
+        scheme, _, rest = args.db.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]} (schema {args.db_schema})"
+    return str(Path(args.db) if args.db else verifier_db_path(home))
 
 
 def _audit_verify(args: argparse.Namespace) -> int:
@@ -164,7 +198,7 @@ def register(groups: dict[str, Any]) -> None:
 
     p = groups["broker"].add_parser("run", help="run Mosquitto with the fleet's TLS and ACL config")
     p.add_argument("--home", type=Path, required=True)
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--port", type=port, default=DEFAULT_PORT)
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     p.add_argument(
         "--user",
@@ -183,7 +217,7 @@ def register(groups: dict[str, Any]) -> None:
         action="store_true",
         help="in-process MQTT 3.1.1 broker (amqtt) for demos without Mosquitto",
     )
-    p.set_defaults(handler=_broker_run)
+    p.set_defaults(handler=_broker_run, daemon=True)
 
     p = groups["verifier"].add_parser("run", help="run the fleet verifier and key broker")
     p.add_argument("--home", type=Path, required=True)
@@ -194,15 +228,15 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--db-schema", default="strongroom", help="PostgreSQL schema")
     p.add_argument(
         "--instance",
-        type=int,
+        type=int_range(0, MAX_VERIFIER_INSTANCES),
         default=0,
         help="1-8: this process's own MQTT identity, to run several verifiers",
     )
     p.add_argument("--shared", action="store_true", help="join the $share/verifiers group")
     p.add_argument(
-        "--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port"
+        "--metrics-port", type=port, metavar="P", help="serve Prometheus metrics on this port"
     )
     p.add_argument("--metrics-bind", default="127.0.0.1", help="address for the metrics")
     add_mqtt_version(p)
-    p.add_argument("--challenge-interval", type=float, help=argparse.SUPPRESS)
-    p.set_defaults(handler=_verifier_run)
+    p.add_argument("--challenge-interval", type=positive_float, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_verifier_run, daemon=True)

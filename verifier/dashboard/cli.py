@@ -24,6 +24,7 @@ from provisioning.home import (
     open_home,
     read_operator_token,
 )
+from strongroom.cliargs import int_range, non_negative_float, port
 from strongroom.errors import EnvironmentFault
 from strongroom.mqtt import add_mqtt_version, mqtt_protocol
 from strongroom.signals import stop_event
@@ -64,6 +65,13 @@ def _status(args: argparse.Namespace) -> int:
 
     home = open_home(args.home)
     live, feed = _feed(args, home)
+    if args.watch:
+        log.info(
+            "status_watching",
+            fleet=home.fleet_id,
+            broker=feed.mqtt.where,
+            identity=feed.mqtt.settings.client_id,
+        )
     try:
         feed.collect(args.settle)
         if not args.watch:
@@ -133,7 +141,14 @@ def _dashboard(args: argparse.Namespace) -> int:
     url = f"http://{host}:{port}/"
     print(f"dashboard: {url}", flush=True)
     print(f"operator token: {home.operator_token_path}", flush=True)
-    log.info("dashboard_started", url=url, broker=args.broker, instance=args.instance)
+    log.info(
+        "dashboard_started",
+        url=url,
+        fleet=home.fleet_id,
+        broker=feed.mqtt.where,
+        identity=feed.mqtt.settings.client_id,
+        allowed_hosts=list(hosts),
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -153,11 +168,9 @@ def _dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
-def _instance(value: str) -> int:
-    number = int(value)
-    if not 0 <= number <= MAX_DASHBOARD_INSTANCES:
-        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_DASHBOARD_INSTANCES}")
-    return number
+def _watching(args: argparse.Namespace) -> bool:
+    """`status --watch` runs until interrupted, as a daemon does; `status` alone is one-shot."""
+    return bool(args.watch)
 
 
 def _common(p: argparse.ArgumentParser, instance: int) -> None:
@@ -165,7 +178,7 @@ def _common(p: argparse.ArgumentParser, instance: int) -> None:
     p.add_argument("--broker", default=f"mqtts://localhost:{DEFAULT_PORT}", metavar="URL")
     p.add_argument(
         "--instance",
-        type=_instance,
+        type=int_range(0, MAX_DASHBOARD_INSTANCES),
         default=instance,
         help=f"dashboard identity 0-{MAX_DASHBOARD_INSTANCES} (connected consumers need "
         f"different ones; default {instance})",
@@ -181,16 +194,16 @@ def register(roles: Any) -> None:
     p.add_argument("--watch", action="store_true", help="keep refreshing until interrupted")
     p.add_argument(
         "--settle",
-        type=float,
+        type=non_negative_float,
         default=3.0,
         metavar="S",
         help="collect retained messages for at most S seconds before the first output",
     )
-    p.set_defaults(handler=_status)
+    p.set_defaults(handler=_status, daemon=_watching)
 
     p = roles.add_parser("dashboard", help="the fleet dashboard in a web browser")
     _common(p, DASHBOARD_INSTANCE)
-    p.add_argument("--port", type=int, default=DEFAULT_DASHBOARD_PORT)
+    p.add_argument("--port", type=port, default=DEFAULT_DASHBOARD_PORT)
     p.add_argument("--bind", default="127.0.0.1", help="address to listen on (default loopback)")
     p.add_argument(
         "--allow-host",
@@ -199,4 +212,4 @@ def register(roles: Any) -> None:
         metavar="NAME",
         help="another Host name the page may be reached by (e.g. behind a proxy)",
     )
-    p.set_defaults(handler=_dashboard)
+    p.set_defaults(handler=_dashboard, daemon=True)
