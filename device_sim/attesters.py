@@ -1,6 +1,8 @@
 """Where a virtual device's enclave runs: in the simulator's process (`inline`) or as the real
 platform and enclave processes (`process`, through `EnclaveHost`). Both make real evidence with
-the device's real simulated platform and open released keys and artifacts with real code."""
+the device's real simulated platform, open released keys and artifacts with real code, and obey
+a signed revoke command. They are what the device protocol's actions (`agent.protocol`) are
+carried out with; the protocol itself is not here."""
 
 from __future__ import annotations
 
@@ -21,12 +23,16 @@ class Attester(Protocol):
 
     async def open_artifact(self, path: Path, key_id: str, wrapped: bytes, aad: bytes) -> None: ...
 
+    async def revoke(self, command: bytes) -> str: ...
+
     async def stop(self) -> None: ...
 
 
 class InlineAttester:
-    def __init__(self, bundle: Path, image: Path, signer: VerifyKey) -> None:
-        self.bundle, self.image, self.signer = bundle, image, signer
+    def __init__(self, bundle: Path, image: Path, signer: VerifyKey, verifier: VerifyKey) -> None:
+        """`signer`: the fleet's artifact signer; `verifier`: the key that signs commands (both
+        in the image's own policy, for a real enclave)."""
+        self.bundle, self.image, self.signer, self.verifier = bundle, image, signer, verifier
         self.enclave: InlineEnclave | None = None
 
     async def start(self) -> None:
@@ -40,6 +46,10 @@ class InlineAttester:
     async def open_artifact(self, path: Path, key_id: str, wrapped: bytes, aad: bytes) -> None:
         assert self.enclave is not None  # noqa: S101 - started first
         self.enclave.open_artifact(path, wrapped, key_id, aad, self.signer)
+
+    async def revoke(self, command: bytes) -> str:
+        assert self.enclave is not None  # noqa: S101 - started first
+        return self.enclave.revoke(command, self.verifier)
 
     async def stop(self) -> None:
         self.enclave = None
@@ -60,6 +70,9 @@ class ProcessAttester:
 
     async def open_artifact(self, path: Path, key_id: str, wrapped: bytes, aad: bytes) -> None:
         await asyncio.to_thread(self.host.load_artifact, path, WrappedKey(wrapped, aad))
+
+    async def revoke(self, command: bytes) -> str:
+        return await asyncio.to_thread(self.host.revoke, command)
 
     async def stop(self) -> None:
         await asyncio.to_thread(self.host.stop)

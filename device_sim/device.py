@@ -1,6 +1,14 @@
 """One virtual device: its MQTT connection (aiomqtt, many per event loop), its attester, and the
 behaviour of its scenario. It records what it did and saw in a `DeviceReport`; the scorecard
-judges it together with what the fleet's alerts say."""
+judges it together with what the fleet's alerts say.
+
+Its honest behaviour is the shipped agent's: each device drives the device protocol
+(`agent.protocol.DeviceProtocol`, the object `agent.daemon.AgentDaemon` drives over paho) over
+its own connection, with its enclave as attester and its outbox in memory. What a scenario adds
+is a deliberate deviation on top (an attack publishes extra messages; an offline device drops
+off without its goodbye); none of it replaces the protocol's answers. On top of the protocol the
+device also reads its own results, which the agent does not, to judge latency and losses.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +27,24 @@ import aiomqtt
 import cbor2
 
 from agent.enclave_app import sealing
+from agent.outbox import MemoryOutbox
 from agent.platform_service import SimulatedPlatform
+from agent.protocol import (
+    DEFAULT_INTERVAL_S,
+    DeviceProtocol,
+    LoadKeys,
+    MakeEvidence,
+    Output,
+    ProtocolConfig,
+    Publish,
+    Revoke,
+)
 from device_sim.attesters import Attester, InlineAttester, ProcessAttester
+from device_sim.connection import Connection
 from device_sim.inline import InlineEnclave, image_identity
 from device_sim.kit import Kit
 from strongroom import bundle, cose, messages, topics
 from strongroom.artifact import read_manifest
-from strongroom.commands import verify_command
 from strongroom.ear import verify_result
 from strongroom.errors import StrongroomError
 from strongroom.evidence import SR_SEQ
@@ -40,6 +59,7 @@ ARTIFACT = {"tampered-artifact": "tampered_model", "rollback-artifact": "old_mod
 RECONNECT = Backoff(initial_s=0.5, factor=2.0, cap_s=4.0, jitter=0.5)
 PEEK_WAIT_S = 2.0  # how long a peek waits for the retained result after subscribing
 MAX_ERRORS = 20  # a report keeps the newest errors (a long outage makes many)
+LONGEST_WAIT_S = 3600.0  # a device with nothing to do wakes up this often all the same
 
 
 @dataclass
@@ -88,6 +108,8 @@ class DeviceSpec:
     interval_s: float
     grace_s: float
     victim: str  # a healthy device, for cross-topic and stolen-sealed-keys
+    # the device's own evidence, besides the verifier's challenges (`agent run --interval`)
+    attest_interval_s: float = DEFAULT_INTERVAL_S
 
 
 def _tls_files(ca: Path, cert: Path, key: Path) -> ssl.SSLContext:
@@ -117,7 +139,17 @@ class VirtualDevice:
         self.report = DeviceReport(self.id, spec.scenario, spec.enclave)
         self.verifier_key = kit.home.result_verify_key()
         self.artifact = getattr(kit, ARTIFACT.get(spec.scenario, "model"))
-        self.key_id = ""
+        with self.artifact.open("rb") as f:
+            self.key_id = read_manifest(f).manifest.key_id
+        self.protocol = DeviceProtocol(
+            ProtocolConfig(
+                device_id=self.id,
+                result_key=self.verifier_key,
+                artifacts={self.key_id: self.artifact.name},
+                attest_interval_s=spec.attest_interval_s,
+            ),
+            MemoryOutbox(),
+        )
         self.affirmed = asyncio.Event()
         self.captured: bytes | None = None
         self.client: aiomqtt.Client | None = None
@@ -132,7 +164,8 @@ class VirtualDevice:
             shutil.rmtree(state, ignore_errors=True)
             state.mkdir(parents=True, mode=0o700)
             return ProcessAttester(self.bundle, image, state)
-        return InlineAttester(self.bundle, image, self.kit.home.verify_key("artifact"))
+        signer = self.kit.home.verify_key("artifact")
+        return InlineAttester(self.bundle, image, signer, self.verifier_key)
 
     def _topic(self, leaf: str, device: str | None = None) -> str:
         return topics.device_topic(device or self.id, leaf)
@@ -150,6 +183,7 @@ class VirtualDevice:
         finally:
             if started is not None:
                 started()
+        self.protocol.enclave_started((), (self.key_id,))  # nothing sealed: a fresh state
         try:
             await self._behave()
         finally:
@@ -218,7 +252,7 @@ class VirtualDevice:
         """Whether the retained result on the device's topic is a stale one issued since
         `since`, read on a connection that subscribes to that topic alone and publishes
         nothing."""
-        async with self._client() as client:
+        async with self._client(will=False) as client:
             await client.subscribe(self._topic(topics.RESULT), qos=1)
             try:
                 async with asyncio.timeout(PEEK_WAIT_S):
@@ -231,8 +265,10 @@ class VirtualDevice:
                 return False
         return False
 
-    def _client(self) -> aiomqtt.Client:
-        return aiomqtt.Client(
+    def _client(self, *, will: bool = True) -> aiomqtt.Client:
+        """A connection with the device's identity and, as the agent's, its last will."""
+        topic, payload = self.protocol.will()
+        return Connection(
             "localhost",
             self.spec.port,
             identifier=self.id,
@@ -240,6 +276,7 @@ class VirtualDevice:
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=30,
             timeout=20,
+            will=aiomqtt.Will(topic, payload, qos=1, retain=True) if will else None,
         )
 
     async def _online_for(self, until: asyncio.Future[Any], attack: Any = None) -> None:
@@ -250,10 +287,12 @@ class VirtualDevice:
             try:
                 async with self._client() as client:
                     self.client, attempt = client, 0
-                    await self._session(client, until, attack)
+                    try:
+                        await self._session(client, until, attack)
+                    finally:
+                        await self._disconnected()
                     attack = None  # once
             except aiomqtt.MqttError as e:
-                self.client = None
                 self.report.error(f"mqtt: {e}")
                 await asyncio.wait([until], timeout=RECONNECT.delay(attempt))
                 attempt += 1
@@ -261,17 +300,18 @@ class VirtualDevice:
                 self.report.local_refusals.append((time.time(), str(e)[:200]))
                 await asyncio.wait([until])
         until.cancel()
+
+    async def _disconnected(self) -> None:
         self.client = None
+        await self._drive(self.protocol.disconnected(time.time()))
 
     async def _session(
         self, client: aiomqtt.Client, until: asyncio.Future[Any], attack: Any
     ) -> None:
-        for leaf in (topics.CHALLENGE, topics.KEYS_RESPONSE, topics.COMMAND, topics.RESULT):
-            await client.subscribe(self._topic(leaf), qos=1)
-        status = messages.Status("online", time.time()).encode()
-        await client.publish(self._topic(topics.STATUS), status, qos=1, retain=True)
-        # the verifier challenges at once (the online status) and then every policy interval
-        tasks = [asyncio.ensure_future(self._receive(client))]
+        for topic in (*self.protocol.subscriptions(), self._topic(topics.RESULT)):
+            await client.subscribe(topic, qos=1)
+        # the protocol announces `online`; the verifier challenges at once and every interval
+        tasks = [asyncio.ensure_future(self._run_protocol(client))]
         if attack is not None:
             tasks.append(asyncio.ensure_future(attack(self)))
         try:
@@ -285,73 +325,114 @@ class VirtualDevice:
             await asyncio.gather(*tasks, return_exceptions=True)  # their ends are retrieved
         if self.spec.scenario == "offline" and not self.stop.is_set():
             return  # dropping off: no goodbye
-        offline = messages.Status("offline", time.time()).encode()
-        with contextlib.suppress(aiomqtt.MqttError):
-            await client.publish(self._topic(topics.STATUS), offline, qos=1, retain=True)
+        for out in self.protocol.goodbye(time.time()):
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
 
-    async def send_evidence(self, nonce: bytes | None = None) -> bytes:
-        token = await self.attester.evidence(nonce)
-        await self._publish_evidence(topics.EVIDENCE, token, token)
-        self.captured = self.captured or token
-        return token
+    # -- driving the device protocol -----------------------------------------------------------
 
-    async def _publish_evidence(self, leaf: str, token: bytes, payload: bytes) -> None:
-        """Publish honest evidence (alone or in a key request), counted as sent once the broker
-        has acknowledged it: what a broker going down took before its PUBACK the fleet never
-        had (a real agent keeps it in its outbox), so it is not a loss of the fleet's."""
-        assert self.client is not None  # noqa: S101 - only called while connected
-        seq = evidence_seq(token)
-        self.report.sent[seq] = time.time()  # before: the answer may come first
+    async def _run_protocol(self, client: aiomqtt.Client) -> None:
+        """Feed the protocol the connection, each message and the time, one at a time, and
+        carry out its answers (`_drive`). Ends with an MqttError when the connection does."""
+        await self._drive(self.protocol.connected(time.time()))
+        incoming = client.messages
+        next_msg: asyncio.Future[aiomqtt.Message] = asyncio.ensure_future(anext(incoming))
         try:
-            await self.client.publish(self._topic(leaf), payload, qos=1)
-        except aiomqtt.MqttError:
-            del self.report.sent[seq]
-            raise
+            while True:
+                now = time.time()
+                wait = min(LONGEST_WAIT_S, max(0.0, self.protocol.next_tick_at(now) - now))
+                done, _ = await asyncio.wait([next_msg], timeout=wait)
+                if done:  # never cancelled while waiting: no message is lost between turns
+                    msg = next_msg.result()
+                    next_msg = asyncio.ensure_future(anext(incoming))
+                    await self._on_message(str(msg.topic), msg.payload)
+                now = time.time()
+                if now >= self.protocol.next_tick_at(now):
+                    await self._drive(self.protocol.tick(now))
+        finally:
+            next_msg.cancel()
 
-    async def _receive(self, client: aiomqtt.Client) -> None:
-        async for msg in client.messages:
-            _device, leaf = topics.parse(str(msg.topic))
-            payload = bytes(msg.payload) if isinstance(msg.payload, (bytes, bytearray)) else b""
+    async def _on_message(self, topic: str, raw: Any) -> None:
+        payload = bytes(raw) if isinstance(raw, (bytes, bytearray)) else b""
+        if topic == self._topic(topics.RESULT):
             try:
-                await self._on(leaf, payload)
+                self._on_result(payload)
             except StrongroomError as e:
                 self.report.local_refusals.append((time.time(), str(e)[:200]))
+            return
+        await self._drive(self.protocol.received(topic, payload, time.time()))
 
-    async def _on(self, leaf: str, payload: bytes) -> None:
-        if leaf == topics.RESULT and payload:
-            r = verify_result(payload, self.verifier_key)
-            why = "; ".join(r.reasons)[:200]
-            self.report.results.append((time.time(), r.status, int(r.details.get("seq", 0)), why))
-            if r.status == "affirming" and r.details.get("seq") in self.report.sent:
-                self.affirmed.set()  # answering our own evidence (not a retained old result)
-        elif leaf == topics.CHALLENGE:
-            challenge = messages.Challenge.decode(payload)
-            if not self.key_id and self.report.keys_opened == 0 and not self.report.keys_refused:
-                await self._request_keys(challenge.nonce)
-            else:
-                await self.send_evidence(challenge.nonce)
-        elif leaf == topics.KEYS_RESPONSE:
-            await self._on_keys(messages.KeyResponse.decode(payload))
-        elif leaf == topics.COMMAND and payload:
-            verify_command(payload, self.verifier_key)
-            self.report.revoked_at = self.report.revoked_at or time.time()
+    def _on_result(self, payload: bytes) -> None:
+        """What the device observes of the fleet's judgement (not part of the protocol)."""
+        if not payload:
+            return
+        r = verify_result(payload, self.verifier_key)
+        why = "; ".join(r.reasons)[:200]
+        self.report.results.append((time.time(), r.status, int(r.details.get("seq", 0)), why))
+        if r.status == "affirming" and r.details.get("seq") in self.report.sent:
+            self.affirmed.set()  # answering our own evidence (not a retained old result)
 
-    async def _request_keys(self, nonce: bytes) -> None:
-        with self.artifact.open("rb") as f:
-            self.key_id = read_manifest(f).manifest.key_id
-        token = await self.attester.evidence(nonce)
-        self.captured = self.captured or token
-        request = messages.KeyRequest(token, (self.key_id,)).encode()
-        await self._publish_evidence(topics.KEYS_REQUEST, token, request)
+    async def _drive(self, outputs: list[Output]) -> None:
+        """Carry out the protocol's outputs in order, each result's own outputs first (as the
+        daemon does)."""
+        todo = list(reversed(outputs))
+        while todo:
+            todo.extend(reversed(await self._perform(todo.pop())))
 
-    async def _on_keys(self, response: messages.KeyResponse) -> None:
-        for key in response.keys:
+    async def _perform(self, out: Output) -> list[Output]:
+        p = self.protocol
+        if isinstance(out, Publish):
+            return await self._publish(out)
+        if isinstance(out, MakeEvidence):
             try:
-                await self.attester.open_artifact(self.artifact, key.key_id, key.wrapped, key.aad)
-                self.report.keys_opened += 1
+                token = await self.attester.evidence(out.nonce)
             except StrongroomError as e:
-                self.report.local_refusals.append((time.time(), f"artifact: {e}"[:200]))
-        self.report.keys_refused += [f"{k}: {why}"[:200] for k, why in response.refused]
+                self.report.local_refusals.append((time.time(), str(e)[:200]))
+                return p.evidence_failed(out, str(e), time.time())
+            self.captured = self.captured or token
+            return p.evidence_made(out, token, time.time())
+        if isinstance(out, LoadKeys):
+            refused: dict[str, str] = {}
+            for key in out.keys:
+                try:
+                    await self.attester.open_artifact(
+                        self.artifact, key.key_id, key.wrapped, key.aad
+                    )
+                    self.report.keys_opened += 1
+                except StrongroomError as e:
+                    self.report.local_refusals.append((time.time(), f"artifact: {e}"[:200]))
+                    refused[key.key_id] = str(e)
+            self.report.keys_refused += [f"{k}: {why}"[:200] for k, why in out.refused]
+            return p.keys_loaded(out, refused, time.time())
+        if isinstance(out, Revoke):
+            self.report.revoked_at = self.report.revoked_at or time.time()
+            try:
+                reason = await self.attester.revoke(out.command)
+            except StrongroomError as e:
+                return p.revoke_failed(out, str(e), time.time())
+            return p.revoke_done(out, reason, time.time())
+        raise AssertionError(f"unknown protocol output {out!r}")
+
+    async def _publish(self, out: Publish) -> list[Output]:
+        """Publish; honest evidence (alone or in a key request) counts as sent once the broker
+        has acknowledged it: what a broker going down took before its PUBACK the fleet never
+        had, and the outbox sends it again."""
+        if self.client is None:
+            return self.protocol.publish_failed(out, "not connected", time.time())
+        seq = None
+        if out.leaf == topics.EVIDENCE:
+            seq = evidence_seq(out.payload)
+        elif out.leaf == topics.KEYS_REQUEST:
+            seq = evidence_seq(messages.KeyRequest.decode(out.payload).evidence)
+        if seq is not None:
+            self.report.sent[seq] = time.time()  # before: the answer may come first
+        try:
+            await self.client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
+        except aiomqtt.MqttError as e:
+            if seq is not None:
+                self.report.sent.pop(seq, None)
+            return self.protocol.publish_failed(out, str(e), time.time())
+        return self.protocol.published(out, time.time())
 
 
 # -- attacks: run once connected, alongside the normal behaviour -------------------------------

@@ -6,6 +6,8 @@ bundle) exactly as the enclave runtime does: a fresh X25519 key, a platform repo
 key to the verifier's nonce, and the platform's quote of that report as signed evidence. What it
 does not do is run in a separate, measured process: its identity is the measured identity of the
 image it was given, taken on trust by the simulator (the report says which mode a run used).
+It is an enclave, not a device: what a device says and when is the device protocol's
+(`agent.protocol`), driven by `device_sim.device`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from agent.enclave_app.attestation import EnclavePolicy, platform_problems
 from agent.platform_service import SimulatedPlatform, identity_of
 from strongroom import artifact, keywrap
-from strongroom.errors import IntegrityError
+from strongroom.commands import verify_command
+from strongroom.errors import IntegrityError, StrongroomError
 from strongroom.image import EnclaveIdentity, load_image
 from strongroom.report import key_binding, verify_report
 from strongroom.signing import VerifyKey
@@ -102,3 +105,15 @@ class InlineEnclave:
             key[:] = bytes(len(key))
             plaintext[:] = bytes(len(plaintext))
         self.artifacts.append((manifest.name, manifest.version, manifest.sha256))
+
+    def revoke(self, command: bytes, verifier: VerifyKey) -> str:
+        """Obey a revoke command signed by the fleet verifier, as the enclave runtime does: the
+        command checked, then its key and the artifacts it opened forgotten. The reason, or
+        IntegrityError for a command that does not verify."""
+        try:
+            reason = verify_command(command, verifier).reason
+        except StrongroomError as e:
+            raise IntegrityError(f"command refused: {e}") from e
+        self._key = None
+        self.artifacts.clear()
+        return reason[:200]

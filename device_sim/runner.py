@@ -22,12 +22,13 @@ import aiomqtt
 import structlog
 
 from device_sim import scenarios as sc
+from device_sim.connection import Connection
 from device_sim.device import DeviceReport, DeviceSpec, VirtualDevice, _tls_files
 from device_sim.kit import Kit, enroll, load_kit, open_kit, plan_fleet
 from device_sim.ports import free_port, wait_listening
 from device_sim.scorecard import FleetLog, offline_needs_s, scorecard, table
 from provisioning.broker import find_mosquitto, scratch_state_dir
-from strongroom import messages, topics
+from strongroom import logs, messages, topics
 from strongroom.ear import verify_result
 from strongroom.errors import StrongroomError
 from strongroom.fsutil import write_atomic
@@ -108,9 +109,12 @@ class Services:
 
 
 def _worker(  # noqa: PLR0917 - a process's arguments, passed once
-    home: str, specs: list[DeviceSpec], ramp_s: float, stop: Any, out: Any, up: Any
+    home: str, specs: list[DeviceSpec], ramp_s: float, stop: Any, out: Any, up: Any, log: str
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    # the devices' protocol logs as the agent does (JSON lines), into the run's log directory
+    logs.configure("info", json=True)
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(Path(log).open("a")))  # noqa: SIM115 - the process's
     raise_fd_limit()
     reports = asyncio.run(_run_devices(Path(home), specs, ramp_s, stop, up))
     out.put([r.to_json_dict() for r in reports])
@@ -168,7 +172,7 @@ async def _observe(kit: Kit, port: int, fleet: FleetLog, stop: asyncio.Event) ->
     connected_before = False
     while not stop.is_set():
         try:
-            async with aiomqtt.Client(
+            async with Connection(
                 "localhost",
                 port,
                 identifier=cn,
@@ -271,9 +275,13 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     stop, queue, up = ctx.Event(), ctx.Queue(), ctx.Value("i", 0)
     ramp = min(30.0, len(specs) / 200)  # TLS handshakes spread over the first seconds
     chunks = [specs[i :: config.workers] for i in range(config.workers)]
+    logdir = kit.root / "logs"
     procs = [
-        ctx.Process(target=_worker, args=(str(config.home), chunk, ramp, stop, queue, up))
-        for chunk in chunks
+        ctx.Process(
+            target=_worker,
+            args=(str(config.home), chunk, ramp, stop, queue, up, str(logdir / f"devices-{i}.log")),
+        )
+        for i, chunk in enumerate(chunks)
         if chunk
     ]
     for p in procs:
