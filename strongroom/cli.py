@@ -45,6 +45,7 @@ ROLE_GROUPS = (
 TOP_LEVEL = (  # roles that are a command of their own (no COMMAND after them)
     ("status", "the fleet's trust status, from its signed results"),
     ("dashboard", "the fleet dashboard in a web browser"),
+    ("doctor", "check a device bundle or a fleet home; each finding says what to do"),
 )
 FLEET_EXTRA = "pip install 'strongroom[fleet]'"
 OWN_PACKAGES = frozenset({"strongroom", "agent", "provisioning", "verifier", "device_sim"})
@@ -89,6 +90,7 @@ COMMANDS = (
     ),
     Commands("device_sim.cli", (("sim", "run"),)),
     Commands("verifier.dashboard.cli", (("status", ""), ("dashboard", ""))),
+    Commands("agent.doctor", (("doctor", ""),), True),
 )
 
 
@@ -163,6 +165,19 @@ class _Parser(argparse.ArgumentParser):
         )
 
 
+def _fleet_checks(home: Path) -> Any:
+    """`doctor --home HOME`: the fleet side's checks, imported only when asked for (a device
+    install has no fleet side, and says so in one line)."""
+    doctor = _import("provisioning.doctor")
+    if isinstance(doctor, ModuleNotFoundError):
+        raise EnvironmentFault(
+            f"`strongroom doctor --home` checks a fleet home, and this installation has no "
+            f"module {doctor.name!r}",
+            hint=FLEET_EXTRA,
+        )
+    return doctor.check_home(home)
+
+
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser for `argv`: every role is listed, but only the modules of the role `argv`
     names are imported (all of them when `argv` is None, e.g. for tests of the whole CLI)."""
@@ -211,6 +226,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             continue
         if spec.module == "agent.cli":
             module.register(groups, _dev_keys)
+        elif spec.module == "agent.doctor":
+            module.register(roles, _fleet_checks)
         else:
             is_top = any(not c for _r, c in spec.commands)
             module.register(roles if is_top else groups)

@@ -433,6 +433,94 @@ def _probe_alert(s: MqttSettings) -> str | None:
         return None
 
 
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _handshake_problem(
+    error: OSError, s: MqttSettings, where: str, own: CertificateValidity | None
+) -> ConnectionProblem:
+    """The TCP connect or TLS handshake failed. A port that drops the handshake without a word
+    may be a plaintext listener: asked in plaintext MQTT, it answers."""
+    if isinstance(error, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
+        if _probe_plaintext(s.host, s.port):
+            return ConnectionProblem(
+                PLAINTEXT,
+                f"{where} dropped our TLS handshake and speaks MQTT without TLS",
+                "this is a plaintext port: use the broker's TLS port (8883 by default)",
+            )
+        return ConnectionProblem(
+            TLS_ERROR, f"{where} closed the connection during the TLS handshake", _TLS_HINT
+        )
+    return classify_error(error, where, own)
+
+
+@dataclass(frozen=True)
+class BrokerCheck:
+    """What `check_broker` found: the problem (None: the broker accepts us) and, when the
+    handshake got that far, the validity period of the broker's certificate."""
+
+    where: str
+    problem: ConnectionProblem | None
+    broker_not_before: dt.datetime | None = None
+    broker_not_after: dt.datetime | None = None
+
+
+def _peer_times(tls: ssl.SSLSocket) -> tuple[dt.datetime | None, dt.datetime | None]:
+    peer = tls.getpeercert() or {}
+    before, after = peer.get("notBefore"), peer.get("notAfter")
+    return (
+        dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(str(before)), dt.UTC)
+        if before
+        else None,
+        dt.datetime.fromtimestamp(ssl.cert_time_to_seconds(str(after)), dt.UTC) if after else None,
+    )
+
+
+def check_broker(s: MqttSettings, verdict_s: float = 1.5) -> BrokerCheck:
+    """TCP and TLS with the broker and nothing more: no MQTT CONNECT, so no session is touched
+    (the broker makes the certificate's CN the client id: a CONNECT with a device's identity
+    would take its running agent's session over). Under TLS 1.3 the broker judges our
+    certificate after the handshake; one that waits `verdict_s` for our CONNECT accepted it."""
+    where = _where(s.host, s.port)
+    try:
+        own: CertificateValidity | None = certificate_validity(s.cert.read_bytes())
+    except (OSError, FormatError):
+        own = None
+    context = _tls_context(s)
+    try:
+        raw = socket.create_connection((s.host, s.port), timeout=CONNECT_TIMEOUT_S)
+    except OSError as e:
+        return BrokerCheck(where, classify_error(e, where, own))
+    with raw:
+        try:
+            tls = context.wrap_socket(raw, server_hostname=s.host)
+        except OSError as e:
+            return BrokerCheck(where, _handshake_problem(e, s, where, own))
+        with tls:
+            before, after = _peer_times(tls)
+            tls.settimeout(verdict_s)
+            try:
+                spoke = tls.recv(1) != b""
+            except TimeoutError:
+                return BrokerCheck(where, None, before, after)  # it waits for our CONNECT
+            except ssl.SSLError as e:
+                if "ALERT" in (e.reason or ""):
+                    return BrokerCheck(where, classify_error(e, where, own), before, after)
+                spoke = False
+            except OSError:
+                spoke = False
+    if spoke:  # something before any CONNECT: not an MQTT broker
+        problem = ConnectionProblem(
+            REFUSED_BY_BROKER, f"{where} spoke first: it is not an MQTT broker", _TLS_HINT
+        )
+        return BrokerCheck(where, problem, before, after)
+    alert = _probe_alert(s)
+    now = dt.datetime.now(dt.UTC)
+    problem = _rejected_by_broker(alert or "", f"the broker at {where}", own, now)
+    return BrokerCheck(where, problem, before, after)
+
+
 class _BufferedPaho(paho.Client):
     """paho with buffered socket I/O. paho reads a packet in three or more calls (command byte,
     each length byte, body) and writes every packet (each PUBACK too) with its own TLS record and
@@ -524,11 +612,7 @@ class MqttClient:
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()  # see _step
         self._up, self._first, self._attempt, self._next_attempt = False, True, 0, 0.0
-        self.where = (
-            f"[{settings.host}]:{settings.port}"
-            if ":" in settings.host
-            else (f"{settings.host}:{settings.port}")
-        )
+        self.where = _where(settings.host, settings.port)
         self._problem: ConnectionProblem | None = None
         self._reported = ""  # the cause last logged (logged again only when it changes)
         self._opened = 0.0  # when the TCP and TLS handshakes of this connection succeeded
@@ -714,19 +798,7 @@ class MqttClient:
     # -- why a connection failed ---------------------------------------------------------------
 
     def _handshake_failed(self, error: OSError) -> ConnectionProblem:
-        """The TCP connect or TLS handshake failed. A port that drops the handshake without a
-        word may be a plaintext listener: asked in plaintext MQTT, it answers."""
-        if isinstance(error, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
-            if _probe_plaintext(self.settings.host, self.settings.port):
-                return ConnectionProblem(
-                    PLAINTEXT,
-                    f"{self.where} dropped our TLS handshake and speaks MQTT without TLS",
-                    "this is a plaintext port: use the broker's TLS port (8883 by default)",
-                )
-            return ConnectionProblem(
-                TLS_ERROR, f"{self.where} closed the connection during the TLS handshake", _TLS_HINT
-            )
-        return classify_error(error, self.where, self.identity)
+        return _handshake_problem(error, self.settings, self.where, self.identity)
 
     def _lost(self) -> ConnectionProblem:
         """Why this connection ended: a CONNACK refusal, the broker's DISCONNECT, or (when it

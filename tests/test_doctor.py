@@ -1,0 +1,174 @@
+"""`strongroom doctor`: a healthy device and fleet are all ok (exit 0); each fault is the right
+error finding (exit 1), with what to do; `--home` on a device install is one line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from provisioning import ca
+from provisioning.enroll import enroll_device
+from provisioning.home import FleetHome, init_home
+from strongroom import cli
+from strongroom.fsutil import PUBLIC_FILE, SECRET_FILE, write_atomic
+from tests.fleet import Broker
+
+from .conftest import RunCli
+
+
+def _enroll(home: FleetHome, device_id: str, out: Path) -> Path:
+    enroll_device(home, device_id, out)
+    (out / "enclave.img").write_bytes(b"an image")  # the doctor only looks for it
+    return out
+
+
+def _doctor(run_cli: RunCli, *argv: Any) -> tuple[int, dict[str, dict[str, Any]]]:
+    code, out, err = run_cli(["doctor", *argv, "--json"])
+    assert "Traceback" not in err
+    findings = json.loads(out)["findings"]
+    by_check: dict[str, dict[str, Any]] = {}
+    for f in findings:  # the worst finding of each check
+        worst = by_check.get(f["check"])
+        if worst is None or worst["level"] == "ok":
+            by_check[f["check"]] = f
+    return code, by_check
+
+
+def _errors(found: dict[str, dict[str, Any]]) -> set[str]:
+    return {check for check, f in found.items() if f["level"] == "error"}
+
+
+def _expired_identity(home: FleetHome, bundle: Path, device_id: str) -> None:
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.LEAF_DAYS + 30)
+    issued = ca.issue(home.ca_issued(), home.fleet_id, device_id, now=long_ago)
+    write_atomic(bundle / "tls/client.key", issued.key_pem, SECRET_FILE)
+    write_atomic(bundle / "tls/client.pem", issued.cert_pem, PUBLIC_FILE)
+
+
+def test_a_healthy_bundle_against_its_broker_is_all_ok(
+    run_cli: RunCli, fresh_broker: Broker, tmp_path: Path
+) -> None:
+    bundle = _enroll(fresh_broker.home, "cam-1", tmp_path / "cam-1")
+    fresh_broker.start()
+    code, found = _doctor(run_cli, "--bundle", bundle, "--broker", fresh_broker.url)
+    assert code == 0
+    assert {f["level"] for f in found.values()} == {"ok"}, found
+    assert "broker.connection" in found and "clock.skew" in found
+    assert "broker certificate" in found["clock.skew"]["what"]  # says what it compared
+
+
+def test_human_output_says_what_to_do(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    bundle = _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    os.chmod(bundle / "tls/client.key", 0o644)
+    code, out, _err = run_cli(["doctor", "--bundle", bundle])
+    assert code == 1
+    assert "ERROR   permissions:" in out and "-> run chmod 600" in out
+    assert "1 error(s)" in out
+
+
+def test_a_world_readable_key_is_an_error(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    bundle = _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    os.chmod(bundle / "platform/root-secret", 0o604)
+    code, found = _doctor(run_cli, "--bundle", bundle)
+    assert code == 1
+    assert _errors(found) == {"permissions"}
+    assert "root-secret" in found["permissions"]["what"]
+    assert "chmod 600" in found["permissions"]["todo"]
+
+
+def test_an_expired_certificate_is_an_error_locally_and_at_the_broker(
+    run_cli: RunCli, fresh_broker: Broker, tmp_path: Path
+) -> None:
+    home = fresh_broker.home
+    bundle = _enroll(home, "cam-1", tmp_path / "cam-1")
+    _expired_identity(home, bundle, "cam-1")
+    fresh_broker.start()
+    code, found = _doctor(run_cli, "--bundle", bundle, "--broker", fresh_broker.url)
+    assert code == 1
+    assert _errors(found) == {"certificate.validity", "broker.connection"}
+    assert "expired on" in found["certificate.validity"]["what"]
+    assert found["broker.connection"]["what"].startswith("certificate_expired:")
+
+
+def test_a_bundle_of_another_fleet_is_an_unknown_ca_at_the_broker(
+    run_cli: RunCli, fresh_broker: Broker, tmp_path: Path
+) -> None:
+    other = init_home(tmp_path / "other")
+    bundle = _enroll(other, "cam-1", tmp_path / "foreign")
+    fresh_broker.start()
+    code, found = _doctor(run_cli, "--bundle", bundle, "--broker", fresh_broker.url)
+    assert code == 1
+    assert _errors(found) == {"broker.connection"}
+    assert found["broker.connection"]["what"].startswith("unknown_ca:")
+    assert "another fleet" in found["broker.connection"]["todo"]
+
+
+def test_a_damaged_platform_is_an_error(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    bundle = _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    write_atomic(bundle / "platform/root-secret", b"short", SECRET_FILE)
+    code, found = _doctor(run_cli, "--bundle", bundle)
+    assert code == 1
+    assert _errors(found) == {"platform.health"}
+
+
+def test_a_healthy_fleet_home_is_ok_and_a_readable_ca_key_is_an_error(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    code, found = _doctor(run_cli, "--home", fleet_home.root)
+    assert code == 0
+    assert {f["level"] for f in found.values()} <= {"ok", "warning"}
+    assert set(found) >= {"home.marker", "ca.validity", "crl.validity", "registry.readable"}
+    os.chmod(fleet_home.ca_key, 0o640)
+    code, found = _doctor(run_cli, "--home", fleet_home.root)
+    assert code == 1 and _errors(found) == {"permissions"}
+    assert "ca.key" in found["permissions"]["what"]
+
+
+def test_a_device_certificate_near_its_end_is_a_warning(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    soon = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.LEAF_DAYS - 10)
+    issued = ca.issue(fleet_home.ca_issued(), fleet_home.fleet_id, "cam-1", now=soon)
+    for old in (fleet_home.root / "ca/issued/cam-1").glob("*.pem"):
+        old.unlink()
+    (fleet_home.root / "ca/issued/cam-1/1.pem").write_bytes(issued.cert_pem)
+    _code, found = _doctor(run_cli, "--home", fleet_home.root)
+    assert found["devices.expiry"]["level"] == "warning"
+    assert "cam-1" in found["devices.expiry"]["what"]
+
+
+def test_not_a_fleet_home_is_an_error(run_cli: RunCli, tmp_path: Path) -> None:
+    code, found = _doctor(run_cli, "--home", tmp_path)
+    assert code == 1 and _errors(found) == {"home.marker"}
+
+
+def test_home_checks_without_the_fleet_side_are_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = ModuleNotFoundError("No module named 'tomlkit'", name="tomlkit")
+    real = cli._import
+    monkeypatch.setattr(
+        cli, "_import", lambda name: missing if name == "provisioning.doctor" else real(name)
+    )
+    code = cli.main(["doctor", "--home", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ENVIRONMENT
+    assert err.count("\n") == 1 and "strongroom[fleet]" in err
+
+
+def test_doctor_needs_something_to_check(run_cli: RunCli) -> None:
+    code, _out, err = run_cli(["doctor"])
+    assert code == cli.EXIT_USAGE and err.count("\n") == 1
