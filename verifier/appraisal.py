@@ -8,6 +8,7 @@ the state store, and the signature before this is called.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from provisioning.registry import DeviceRecord
 from strongroom.ear import TIERS, VECTOR_KEYS, tier_of
@@ -28,6 +29,7 @@ class Appraisal:
     reasons: tuple[str, ...]
 
 
+@lru_cache(maxsize=1024)  # a fleet reports few distinct versions; parsed once each
 def _firmware(value: str) -> tuple[int, int, int]:
     try:
         return parse_firmware(value)
@@ -50,9 +52,40 @@ class _Vector:
             self.reasons.append(reason)
 
 
+@dataclass(frozen=True)
+class _References:
+    """What appraisal looks up in a policy, indexed once per policy rather than per evidence."""
+
+    min_firmware: tuple[int, int, int]
+    signers: frozenset[str]
+    enclaves: frozenset[tuple[str, int, bool, int]]
+    artifacts: dict[tuple[str, int], str]
+
+
+_indexed: tuple[FleetPolicy, _References] | None = None  # the last policy seen, and its index
+
+
+def _references(policy: FleetPolicy) -> _References:
+    """The policy's index, made again only when the verifier holds another policy object (a
+    policy is immutable, and replaced as a whole when its file is read again)."""
+    global _indexed  # noqa: PLW0603 - a memo of a pure function of an immutable value
+    if _indexed is not None and _indexed[0] is policy:
+        return _indexed[1]
+    refs = _References(
+        min_firmware=policy.min_firmware_tuple,
+        signers=frozenset(policy.allowed_signers),
+        enclaves=frozenset(
+            (r.mrenclave, r.svn, r.debug, r.product_id) for r in policy.enclave_references
+        ),
+        artifacts={(a.name, a.version): a.sha256 for a in policy.artifact_references},
+    )
+    _indexed = (policy, refs)
+    return refs
+
+
 def _platform(v: _Vector, ev: Evidence, policy: FleetPolicy) -> None:
     v.set("hardware", AFFIRMING)
-    if _firmware(ev.firmware) < policy.min_firmware_tuple:
+    if _firmware(ev.firmware) < _references(policy).min_firmware:
         v.set(
             "hardware",
             CONTRAINDICATED,
@@ -69,11 +102,10 @@ def _platform(v: _Vector, ev: Evidence, policy: FleetPolicy) -> None:
 
 def _enclave(v: _Vector, ev: Evidence, policy: FleetPolicy) -> None:
     v.set("executables", AFFIRMING)
-    e = ev.enclave
-    if e.mrsigner not in policy.allowed_signers:
+    e, references = ev.enclave, _references(policy)
+    if e.mrsigner not in references.signers:
         v.set("executables", CONTRAINDICATED, "enclave signer is not allowed by the policy")
-    references = {(r.mrenclave, r.svn, r.debug, r.product_id) for r in policy.enclave_references}
-    if (e.mrenclave, e.svn, e.debug, e.product_id) not in references:
+    if (e.mrenclave, e.svn, e.debug, e.product_id) not in references.enclaves:
         v.set(
             "executables",
             CONTRAINDICATED,
@@ -90,7 +122,7 @@ def _enclave(v: _Vector, ev: Evidence, policy: FleetPolicy) -> None:
 
 
 def _artifacts(v: _Vector, ev: Evidence, policy: FleetPolicy) -> None:
-    refs = {(a.name, a.version): a.sha256 for a in policy.artifact_references}
+    refs = _references(policy).artifacts
     for a in ev.artifacts:
         floor = policy.artifact_floors.get(a.name)
         if floor is not None and a.version < floor:
