@@ -165,6 +165,10 @@ def test_a_failed_key_response_publish_is_not_held_against_the_device(rig: Rig) 
     assert rig.verifier.counts.get("rejected", 0) == 0
     assert rig.verifier.counts.get("internal_errors", 0) == 0
     assert rig.verifier.counts["replies_not_published"] == 1
+    from prometheus_client import generate_latest  # noqa: PLC0415 - a fleet extra
+
+    text = generate_latest(rig.verifier.metrics.registry).decode()
+    assert "strongroom_replies_not_published_total 1.0" in text
     assert _alerts(rig) == []
     assert [e["detail"]["key_id"] for e in _audit_events(rig, "key_refused")] == ["nosuchkey"]
     rig.mqtt.fail_on = ""

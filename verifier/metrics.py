@@ -34,6 +34,11 @@ COUNTERS = (
         "internal_errors",
     ),
     (
+        "strongroom_replies_not_published",
+        "Replies (key responses, challenges) the broker did not take; no device is blamed",
+        "replies_not_published",
+    ),
+    (
         "strongroom_retained_cleared",
         "Retained evidence or key requests ignored and cleared",
         "retained_cleared",
