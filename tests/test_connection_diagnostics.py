@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 from provisioning import ca
 from provisioning.broker import find_mosquitto
 from provisioning.home import FleetHome, init_home
-from strongroom import mqtt
+from strongroom import connection_problems as problems
 from strongroom.fsutil import PUBLIC_FILE, SECRET_FILE, write_atomic
 from strongroom.mqtt import MqttClient, MqttError, MqttSettings
 from strongroom.retry import Backoff
@@ -115,8 +115,8 @@ def test_an_unusable_ca_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_a_closed_port_is_refused(fleet: tuple[FleetHome, Broker], tmp_path: Path) -> None:
     home, _broker = fleet
     cause, warnings = _diagnose(_settings(home.ca_cert, _device(home, tmp_path), free_port()))
-    assert cause == mqtt.REFUSED
-    _assert_one_line(warnings, mqtt.REFUSED)
+    assert cause == problems.REFUSED
+    _assert_one_line(warnings, problems.REFUSED)
 
 
 def test_a_broker_of_another_fleet_is_an_unknown_ca(
@@ -126,8 +126,8 @@ def test_a_broker_of_another_fleet_is_an_unknown_ca(
     other = init_home(tmp_path / "other")  # a bundle of another fleet: its CA and certificate
     identity = _identity(tmp_path, "foreign", ca.issue(other.ca_issued(), other.fleet_id, "dev-1"))
     cause, warnings = _diagnose(_settings(other.ca_cert, identity, broker.port))
-    assert cause == mqtt.UNKNOWN_CA
-    _assert_one_line(warnings, mqtt.UNKNOWN_CA)
+    assert cause == problems.UNKNOWN_CA
+    _assert_one_line(warnings, problems.UNKNOWN_CA)
 
 
 def test_a_certificate_of_another_fleet_is_rejected_by_the_broker(
@@ -137,8 +137,8 @@ def test_a_certificate_of_another_fleet_is_rejected_by_the_broker(
     other = init_home(tmp_path / "other")
     identity = _identity(tmp_path, "foreign", ca.issue(other.ca_issued(), other.fleet_id, "dev-1"))
     cause, warnings = _diagnose(_settings(home.ca_cert, identity, broker.port))
-    assert cause == mqtt.CERTIFICATE_REJECTED
-    _assert_one_line(warnings, mqtt.CERTIFICATE_REJECTED)
+    assert cause == problems.CERTIFICATE_REJECTED
+    _assert_one_line(warnings, problems.CERTIFICATE_REJECTED)
     assert "CA" in warnings[0]["detail"]  # the broker's alert, heard through the TLS 1.2 probe
 
 
@@ -148,8 +148,8 @@ def test_an_expired_certificate_is_named(fleet: tuple[FleetHome, Broker], tmp_pa
     cause, warnings = _diagnose(
         _settings(home.ca_cert, _device(home, tmp_path, now=long_ago), broker.port)
     )
-    assert cause == mqtt.CERTIFICATE_EXPIRED
-    _assert_one_line(warnings, mqtt.CERTIFICATE_EXPIRED)
+    assert cause == problems.CERTIFICATE_EXPIRED
+    _assert_one_line(warnings, problems.CERTIFICATE_EXPIRED)
     assert "expired on" in warnings[0]["detail"]
 
 
@@ -161,8 +161,8 @@ def test_a_certificate_not_yet_valid_is_named(
     cause, warnings = _diagnose(
         _settings(home.ca_cert, _device(home, tmp_path, now=tomorrow), broker.port)
     )
-    assert cause == mqtt.CERTIFICATE_NOT_YET_VALID
-    _assert_one_line(warnings, mqtt.CERTIFICATE_NOT_YET_VALID)
+    assert cause == problems.CERTIFICATE_NOT_YET_VALID
+    _assert_one_line(warnings, problems.CERTIFICATE_NOT_YET_VALID)
     assert "clock" in warnings[0]["hint"]
 
 
@@ -172,8 +172,8 @@ def test_a_name_the_broker_certificate_lacks_is_a_wrong_host_name(
     home, broker = fleet
     settings = _settings(home.ca_cert, _device(home, tmp_path), broker.port, host="127.0.0.1")
     cause, warnings = _diagnose(settings)
-    assert cause == mqtt.WRONG_HOST_NAME
-    _assert_one_line(warnings, mqtt.WRONG_HOST_NAME)
+    assert cause == problems.WRONG_HOST_NAME
+    _assert_one_line(warnings, problems.WRONG_HOST_NAME)
 
 
 def _certificate_without_cn(home: FleetHome) -> ca.Issued:
@@ -208,8 +208,8 @@ def test_a_connack_refusal_is_not_authorised(
     identity = _identity(tmp_path, "nocn", _certificate_without_cn(home))
     settings = _settings(home.ca_cert, identity, broker.port, protocol=protocol)
     cause, warnings = _diagnose(settings)
-    assert cause == mqtt.NOT_AUTHORISED
-    _assert_one_line(warnings, mqtt.NOT_AUTHORISED)
+    assert cause == problems.NOT_AUTHORISED
+    _assert_one_line(warnings, problems.NOT_AUTHORISED)
 
 
 @pytest.fixture
@@ -242,8 +242,8 @@ def test_a_plaintext_mosquitto_port_is_named(
     cause, warnings = _diagnose(
         _settings(home.ca_cert, _device(home, tmp_path), plaintext_mosquitto)
     )
-    assert cause == mqtt.PLAINTEXT
-    _assert_one_line(warnings, mqtt.PLAINTEXT)
+    assert cause == problems.PLAINTEXT
+    _assert_one_line(warnings, problems.PLAINTEXT)
 
 
 class _Listener:
@@ -293,8 +293,8 @@ def test_a_plaintext_answer_to_the_handshake_is_named(
         cause, warnings = _diagnose(settings)
     finally:
         listener.close()
-    assert cause == mqtt.PLAINTEXT
-    _assert_one_line(warnings, mqtt.PLAINTEXT)
+    assert cause == problems.PLAINTEXT
+    _assert_one_line(warnings, problems.PLAINTEXT)
 
 
 def test_a_silent_port_times_out_within_seconds(
@@ -308,9 +308,9 @@ def test_a_silent_port_times_out_within_seconds(
         cause, warnings = _diagnose(settings, attempts=1)
     finally:
         listener.close()
-    assert cause == mqtt.TIMEOUT
-    assert time.monotonic() - started < mqtt.CONNECT_TIMEOUT_S + 3
-    _assert_one_line(warnings, mqtt.TIMEOUT)
+    assert cause == problems.TIMEOUT
+    assert time.monotonic() - started < problems.CONNECT_TIMEOUT_S + 3
+    _assert_one_line(warnings, problems.TIMEOUT)
 
 
 def test_a_new_cause_is_logged_again(fleet: tuple[FleetHome, Broker], tmp_path: Path) -> None:
@@ -323,7 +323,7 @@ def test_a_new_cause_is_logged_again(fleet: tuple[FleetHome, Broker], tmp_path: 
             wait_until(lambda: client.failed_attempts >= 3, 10, "refusals")
             listener = _Listener(b"HTTP/1.1 400 Bad Request\r\n\r\n", port)
             wait_until(
-                lambda: client.problem is not None and client.problem.cause == mqtt.PLAINTEXT,
+                lambda: client.problem is not None and client.problem.cause == problems.PLAINTEXT,
                 10,
                 "the new cause",
             )
@@ -336,7 +336,7 @@ def test_a_new_cause_is_logged_again(fleet: tuple[FleetHome, Broker], tmp_path: 
         for e in logs
         if e["event"] == "mqtt_connection_failed" and e["log_level"] == "warning"
     ]
-    assert causes == [mqtt.REFUSED, mqtt.PLAINTEXT]
+    assert causes == [problems.REFUSED, problems.PLAINTEXT]
 
 
 def test_a_second_client_with_our_identity_is_named_as_a_session_taken_over(
@@ -354,7 +354,7 @@ def test_a_second_client_with_our_identity_is_named_as_a_session_taken_over(
             second = MqttClient(settings).start()
 
             def taken_over() -> bool:
-                return any(e.get("cause") == mqtt.SESSION_TAKEN_OVER for e in list(logs))
+                return any(e.get("cause") == problems.SESSION_TAKEN_OVER for e in list(logs))
 
             wait_until(taken_over, 20, "a session_taken_over line")
         finally:
@@ -362,7 +362,7 @@ def test_a_second_client_with_our_identity_is_named_as_a_session_taken_over(
             if second is not None:
                 second.stop()
     warned = [e for e in logs if e["log_level"] == "warning"]
-    assert {e["cause"] for e in warned} <= {mqtt.CONNECTION_LOST, mqtt.SESSION_TAKEN_OVER}
+    assert {e["cause"] for e in warned} <= {problems.CONNECTION_LOST, problems.SESSION_TAKEN_OVER}
     assert len(warned) <= 4  # one line per cause and client, not one per takeover
 
 
@@ -378,5 +378,5 @@ def test_wait_connected_says_the_cause_and_what_to_do(
             client.wait_connected(3)
     finally:
         client.stop()
-    assert mqtt.UNKNOWN_CA in str(raised.value)
+    assert problems.UNKNOWN_CA in str(raised.value)
     assert "another fleet" in raised.value.diagnostics()
