@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import resource
 import signal
 import sys
@@ -21,6 +20,17 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 MCL_CURRENT = 1
 MCL_FUTURE = 2
+
+
+def _libc() -> ctypes.CDLL:
+    """The C library's functions: those of the running interpreter, which links it (no search
+    with `ctypes.util.find_library`, which imports subprocess and runs `ldconfig -p`)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if not hasattr(libc, "prctl"):  # an interpreter that does not export libc's symbols
+        from ctypes.util import find_library  # noqa: PLC0415 - the fallback only
+
+        libc = ctypes.CDLL(find_library("c") or "libc.so.6", use_errno=True)
+    return libc
 
 
 def harden_process() -> dict[str, bool]:
@@ -33,7 +43,7 @@ def harden_process() -> dict[str, bool]:
         pass
     if not sys.platform.startswith("linux"):
         return status
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc = _libc()
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0:
         status["not_dumpable"] = True
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -46,5 +56,4 @@ def harden_process() -> dict[str, bool]:
 def is_dumpable() -> bool:
     if not sys.platform.startswith("linux"):
         return True
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return bool(libc.prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+    return bool(_libc().prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE

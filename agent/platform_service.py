@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-import structlog
-
 from agent import platform_keys
 from agent.channel import PIECE_SIZE, Channel, ChannelClosed, ChannelError, Message, check
 from agent.errors import LaunchError, PlatformFault
 from agent.launcher import ChildProcess, EnclaveSpawner, spawn_enclave_directly
-from strongroom import bundle, canonical
+from strongroom import bundle, canonical, logs
 from strongroom.errors import StrongroomError
 from strongroom.fsutil import SECRET_FILE, read_file, write_atomic
 from strongroom.image import EnclaveIdentity, VerifiedImage, load_image
@@ -37,7 +35,7 @@ from strongroom.report import (
 )
 from strongroom.signing import SigningKey
 
-log = structlog.get_logger()
+log = logs.get_logger()
 SMT_PATH = Path("/sys/devices/system/cpu/smt/active")
 MAX_COUNTER = 2**63 - 1
 

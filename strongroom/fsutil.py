@@ -2,14 +2,14 @@
 
 Everything that matters is written to a temporary file in the target's directory, flushed, fsynced
 and renamed over the target, so a crash leaves the old file or the new one, never half of either.
+`shutil` and `tempfile` are imported where used: the platform and the enclave read files at start
+and write only later, if at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
@@ -51,6 +51,8 @@ def atomic_writer(path: Path, mode: int = SECRET_FILE) -> Iterator[BinaryIO]:
 
     On any exception the temporary file is removed and `path` is left as it was.
     """
+    import tempfile  # noqa: PLC0415 - see the module's docstring
+
     directory = path.parent
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -112,6 +114,9 @@ def staged_dir(target: Path, *, replace: bool = False) -> Iterator[Path]:
     The directory is built next to `target` and renamed into place at the end, so a failure leaves
     nothing behind. With `replace`, an existing `target` is swapped out and removed afterwards.
     """
+    import shutil  # noqa: PLC0415 - see the module's docstring
+    import tempfile  # noqa: PLC0415
+
     parent = target.parent
     if not parent.is_dir():
         raise InputError(f"parent directory does not exist: {parent}", hint="create it first")

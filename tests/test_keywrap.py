@@ -26,7 +26,7 @@ def _recipient() -> tuple[x25519.X25519PrivateKey, bytes]:
 def _sealed(public: bytes, payload: Any) -> bytes:
     """A wrapped key whose HPKE plaintext is `payload` (what only the verifier can make)."""
     pk = KEMKey.from_pyca_cryptography_key(x25519.X25519PublicKey.from_public_bytes(public))
-    enc, ctx = keywrap._SUITE.create_sender_context(pk, keywrap._INFO_DOMAIN + b"k1")
+    enc, ctx = keywrap._suite().create_sender_context(pk, keywrap._INFO_DOMAIN + b"k1")
     return bytes(enc) + bytes(ctx.seal(cbor2.dumps(payload), AAD))
 
 
