@@ -16,11 +16,15 @@ and measured the image it will send, can. When the control channel closes, every
 started is stopped and it exits; it dies with the agent (parent-death signal) too.
 """
 
-# ruff: noqa: E402 - one statement must run before the imports (see below)
+# ruff: noqa: E402 - two statements must run before the imports (see below)
 from __future__ import annotations
 
+import signal
 import sys
 
+# as in agent.platform_main: the agent stops the launcher (it closes the control channel), and
+# the platforms and enclaves it starts inherit the ignored signal
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type] # as in agent.platform_main
 
 import contextlib

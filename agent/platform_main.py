@@ -11,21 +11,24 @@ launches the enclave from the measured bytes, and serves the enclave's requests 
 says `shutdown` or goes away; then it stops the enclave.
 """
 
-# ruff: noqa: E402 - one statement must run before the imports (see below)
+# ruff: noqa: E402 - two statements must run before the imports (see below)
 from __future__ import annotations
 
+import signal
 import sys
 
+# Ctrl-C in the agent's terminal reaches its whole process group, this process too when the agent
+# started it itself: the host stops the platform in order (after its enclave), so the platform
+# ignores it, from as early as it can. The enclave it starts inherits the ignored signal.
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 # The platform never renders logs to a terminal. structlog loads `rich` (which fleet-side extras
-# install) when it can, and that alone doubles this process's start-up: keep it out.
+# install) when it can, and that alone doubles its import: keep it out. structlog itself is
+# imported only if the platform logs a warning (strongroom.logs.configure_deferred).
 sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
 import os
-import sys
 import threading
 from pathlib import Path
-
-import structlog
 
 from agent.channel import Channel, ChannelClosed, ChannelError, check
 from agent.hardening import harden_process
@@ -35,7 +38,7 @@ from strongroom import logs
 from strongroom.errors import StrongroomError
 from strongroom.image import MAX_CONTENT_SIZE
 
-log = structlog.get_logger()
+log = logs.get_logger()
 
 
 def _receive_image(host: Channel, size: int) -> bytes:
@@ -91,7 +94,7 @@ def run(
 
 def main() -> int:
     harden_process()
-    logs.configure("warning")
+    logs.configure_deferred("warning")
     platform_dir, host_fd, enclave_fd = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     spawner = EnclaveSpawner(int(sys.argv[4])) if len(sys.argv) > 4 else None
     host = Channel.from_fd(host_fd)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ast
 import concurrent.futures
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -176,6 +178,51 @@ class _Broker:
         shutil.rmtree(self.state.parent, ignore_errors=True)
 
 
+class _ProcessGroup(Proc):
+    """A process leading a process group of its own, as a shell's foreground job does."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log_path = log
+        self._log = log.open("ab")
+        self.p = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.parent.name))
+    return found
+
+
+def _interrupt_as_a_terminal_does(agent: Proc) -> None:
+    """Ctrl-C: SIGINT to the agent's whole process group (its platform and enclave in it, as an
+    agent without privilege separation starts them); every one stops, none with a traceback."""
+    platform = _children(agent.p.pid)
+    assert platform, "the agent's platform process is not running"
+    enclave = [pid for parent in platform for pid in _children(parent)]
+    assert enclave, "the enclave process is not running"
+    os.killpg(agent.p.pid, signal.SIGINT)
+    assert agent.p.wait(30) in (0, 130)  # 130: `strongroom: interrupted`
+
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    def gone() -> bool:
+        return not any(running(pid) for pid in platform + enclave)
+
+    wait_until(gone, 10, "the agent's platform and enclave to stop")
+
+
 def _set_up_fleet(fleet: DeviceVenv, work: Path) -> tuple[Path, Path]:
     """A fleet home, a production image, a sealed code artifact and one enrolled device's
     bundle carrying both, all made with the fleet's install; returns (home, bundle)."""
@@ -224,7 +271,7 @@ def test_a_base_install_runs_a_device_against_a_fleet_install(installs: Installs
         )
         procs.append(verifier)
         wait_until(lambda: "verifier_started" in verifier.log(), 20, "the verifier to start")
-        agent = Proc(
+        agent = _ProcessGroup(
             device.cli(
                 "agent",
                 "run",
@@ -252,6 +299,7 @@ def test_a_base_install_runs_a_device_against_a_fleet_install(installs: Installs
         argv = ["status", "--home", str(home), "--broker", url, "--json", "--settle", "3"]
         rows = json.loads(_run(fleet, *argv).stdout)["devices"]
         assert [(r["device"], r["result"]) for r in rows] == [("cam-1", "affirming")]
+        _interrupt_as_a_terminal_does(agent)
     finally:
         for proc in reversed(procs[1:]):
             proc.stop()

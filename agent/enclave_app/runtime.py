@@ -23,7 +23,6 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 
 from agent.channel import Channel, ChannelClosed, ChannelError, Message, check
@@ -100,9 +99,7 @@ class Enclave:
         self._platform, self._host, self._policy = platform, host, policy
         self._hardening = hardening
         self._private = x25519.X25519PrivateKey.generate()
-        self.public_key = self._private.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        self.public_key = self._private.public_key().public_bytes_raw()
         self._artifact_signer = VerifyKey(bytes.fromhex(policy.ARTIFACT_SIGNER))
         self._seal_policy: str = getattr(policy, "SEAL_POLICY", "signer")
         verifier = getattr(policy, "VERIFIER_KEY", "")
@@ -484,6 +481,10 @@ def api_module(enclave: Enclave) -> types.ModuleType:
 
 
 def main(policy: Any) -> int:
+    # Ctrl-C in the agent's terminal reaches its whole process group: the host stops the enclave
+    # in order, so the enclave ignores it (and has from its start: the platform ignores it too,
+    # and an ignored signal stays ignored across exec).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     platform_fd, host_fd, hardening = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     platform = PlatformClient(Channel.from_fd(platform_fd))
     host = Channel.from_fd(host_fd)
