@@ -14,13 +14,17 @@ What it covers (docs/protocol.md has the messages):
 - on each connect: deliver what waits in the outbox, in order, then announce `online`;
 - a challenge: a key request while some artifact lacks its key or a lease is due (once the
   outbox is delivered, so evidence reaches the verifier in sequence order), else evidence;
-- a key response is believed only if it answers the outstanding request's nonce; released keys
-  go to the enclave and their renewal times are kept; once loaded, fresh evidence says so;
+- a key response is believed only if it answers the nonce of one of its outstanding requests
+  (the newest few: a late answer to an earlier request of this enclave is as good, and ignoring
+  it only made a loaded verifier release the keys again); released keys go to the enclave and
+  their renewal times are kept; once loaded, fresh evidence says so;
 - a revoke command counts only if signed with the verifier's result key and addressed to this
   device; the retained copy of a command already obeyed is ignored; once the enclave obeyed,
   status `revoked` carries the command's nonce, and a command refused is reported in `online`;
 - evidence of its own every `attest_interval_s` (and at start); while keys are missing (and the
-  device is not revoked), `online` again every `key_retry_s` to be challenged again;
+  device is not revoked), `online` again to be challenged again: `key_retry` after its last
+  announcement or key request, backing off while nothing comes (15 s, 30 s, ... 2 min), so a
+  fleet whose verifier is slow to release keys does not bury it under more key requests;
 - the outbox: evidence is queued, sent one at a time in order, and removed only once the broker
   acknowledged it (`published`); a failed send leaves it, and the rest, for later.
 
@@ -46,11 +50,15 @@ from agent.outbox import OutboxStore, Pending
 from strongroom import messages, topics
 from strongroom.commands import verify_command
 from strongroom.errors import IntegrityError, StrongroomError
+from strongroom.retry import Backoff
 from strongroom.signing import VerifyKey
 
 log = structlog.get_logger()
 DEFAULT_INTERVAL_S = 300.0
-KEY_RETRY_S = 15.0  # while artifacts lack keys, announce again this often to get a challenge
+# while artifacts lack keys, announce again after this long to get a challenge (no jitter: the
+# protocol draws no random numbers, and devices' own timelines spread them)
+KEY_RETRY = Backoff(initial_s=15.0, factor=2.0, cap_s=120.0, jitter=0.0)
+OUTSTANDING_REQUESTS = 4  # key requests whose answer is still believed
 OUTBOX_RETRY_S = 1.0  # while connected, a send that failed is tried again after this long
 SUBSCRIBED = (topics.CHALLENGE, topics.KEYS_RESPONSE, topics.COMMAND)
 
@@ -61,7 +69,7 @@ class ProtocolConfig:
     result_key: VerifyKey  # the verifier's: it signs commands
     artifacts: Mapping[str, str]  # key id -> artifact name (for logs), in the device's order
     attest_interval_s: float = DEFAULT_INTERVAL_S
-    key_retry_s: float = KEY_RETRY_S
+    key_retry: Backoff = KEY_RETRY
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -126,8 +134,9 @@ class DeviceProtocol:
         self.sent = 0  # evidence delivered from the outbox
         self.connected_now = False
         self._last_attest = float("-inf")  # attest at start
-        self._last_announce = float("-inf")
-        self._requested_nonce: bytes | None = None
+        self._last_asked = float("-inf")  # the last announcement or key request
+        self._key_retries = 0  # announcements since the last keys arrived
+        self._requested: dict[bytes, float] = {}  # outstanding key requests: nonce -> sent at
         self._last_command = b""
         self._in_flight: Pending | None = None  # the outbox entry being sent
         # what waits for the outbox's delivery: an announcement, a challenge's key request
@@ -154,7 +163,7 @@ class DeviceProtocol:
         """When `tick` next has something to do (for drivers that sleep until then)."""
         at = self._last_attest + self.config.attest_interval_s
         if self.connected_now and not self.revoked and self.needed_keys(now):
-            at = min(at, self._last_announce + self.config.key_retry_s)
+            at = min(at, self._last_asked + self._key_retry_s())
         if self.connected_now and self._in_flight is None and len(self.outbox):
             at = min(at, now + OUTBOX_RETRY_S)
         return at
@@ -172,6 +181,7 @@ class DeviceProtocol:
     def connected(self, now: float) -> list[Output]:
         """After each (re)connect: deliver what waited, then say we are online."""
         self.connected_now, self._in_flight = True, None
+        self._key_retries = 0
         return self._announce(now)
 
     def disconnected(self, now: float) -> list[Output]:
@@ -188,8 +198,9 @@ class DeviceProtocol:
             self.connected_now
             and not self.revoked
             and self.needed_keys(now)
-            and _due(self._last_announce, self.config.key_retry_s, now)
+            and _due(self._last_asked, self._key_retry_s(), now)
         ):
+            self._key_retries += 1
             out += self._announce(now)  # still waiting for keys: ask for a new challenge
         if _due(self._last_attest, self.config.attest_interval_s, now):
             out += self.attest(now)
@@ -263,7 +274,10 @@ class DeviceProtocol:
     def evidence_made(self, request: MakeEvidence, token: bytes, now: float) -> list[Output]:
         if request.key_ids:
             assert request.nonce is not None  # noqa: S101 - key requests answer a challenge
-            self._requested_nonce = request.nonce
+            self._requested[request.nonce] = now
+            while len(self._requested) > OUTSTANDING_REQUESTS:
+                del self._requested[next(iter(self._requested))]  # the oldest
+            self._last_asked = now
             key_request = messages.KeyRequest(token, request.key_ids).encode()
             log.info("keys_requested", keys=len(request.key_ids))
             return [Publish(self.topic(topics.KEYS_REQUEST), key_request, topics.KEYS_REQUEST)]
@@ -288,6 +302,7 @@ class DeviceProtocol:
                 continue
             self.missing.pop(key.key_id, None)
             self.renew_at[key.key_id] = key.renew_at
+            self._key_retries = 0
             log.info("artifact_loaded_with_released_key", artifact=name, lease_until=key.until)
         return self.attest(now) if request.keys else []
 
@@ -304,8 +319,11 @@ class DeviceProtocol:
 
     # -- inside ------------------------------------------------------------------------------
 
+    def _key_retry_s(self) -> float:
+        return self.config.key_retry.delay(self._key_retries)
+
     def _announce(self, now: float) -> list[Output]:
-        self._last_announce = now
+        self._last_asked = now
         self._after_flush.append(("announce", b""))
         return self.flush(now)
 
@@ -335,10 +353,10 @@ class DeviceProtocol:
 
     def _on_keys(self, payload: bytes, now: float) -> list[Output]:
         response = messages.KeyResponse.decode(payload)
-        if response.nonce != self._requested_nonce:
+        if response.nonce not in self._requested:
             log.warning("key_response_ignored", reason="it answers no request of ours")
             return []
-        self._requested_nonce = None
+        self._requested.clear()  # answered: what the others would bring, this brought
         if response.keys:
             self.revoked = False  # keyed again: reinstated
         for key_id, reason in response.refused:

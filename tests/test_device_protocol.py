@@ -34,6 +34,7 @@ from strongroom.commands import Command, sign_command, verify_command
 from strongroom.evidence import SR_SEQ
 from strongroom.fsutil import read_file
 from strongroom.mqtt import Inbound
+from strongroom.retry import Backoff
 from strongroom.signing import SigningKey, VerifyKey
 
 DEVICE = "cam-p"
@@ -63,7 +64,7 @@ def make(
         VERIFIER.verify_key,
         {k: f"{k[:4]}.sra" for k in keys},
         attest_interval_s=interval,
-        key_retry_s=retry,
+        key_retry=Backoff(initial_s=retry, factor=2.0, cap_s=120.0, jitter=0.0),
     )
     return DeviceProtocol(config, MemoryOutbox())
 
@@ -306,8 +307,8 @@ def test_it_attests_at_start_and_then_every_interval() -> None:
     assert p.tick(T0 - 50) == [MakeEvidence(None)]  # a clock set back counts as due
 
 
-def test_while_keys_are_missing_it_announces_again_to_be_challenged() -> None:
-    p = make(retry=15)
+def test_while_keys_are_missing_it_announces_again_to_be_challenged_backing_off() -> None:
+    p = make(retry=15, interval=10_000)
     p.enclave_started((), (KEY,))
     p.tick(T0)  # its first evidence
     online(p, T0)
@@ -315,8 +316,51 @@ def test_while_keys_are_missing_it_announces_again_to_be_challenged() -> None:
     assert p.next_tick_at(T0 + 14) == T0 + 15
     announce = only(p.tick(T0 + 15), Publish)
     assert status_of(announce).state == "online"
-    p.disconnected(T0 + 16)
-    assert p.tick(T0 + 40) == []  # not while away
+    p.published(announce, T0 + 15)
+    # nothing came: the next after twice as long, and so on up to the cap
+    assert p.tick(T0 + 44) == [] and p.next_tick_at(T0 + 44) == T0 + 45
+    assert status_of(only(p.tick(T0 + 45), Publish)).state == "online"
+    assert p.next_tick_at(T0 + 46) == T0 + 45 + 60
+    p.disconnected(T0 + 50)
+    assert p.tick(T0 + 200) == []  # not while away
+    online(p, T0 + 300)  # a new connection starts again from the first delay
+    assert p.next_tick_at(T0 + 301) == T0 + 315
+
+
+def test_a_key_request_restarts_the_wait_before_announcing_again() -> None:
+    p = make(retry=15)
+    p.enclave_started((), (KEY,))
+    p.tick(T0)
+    online(p, T0)
+    ask = only(p.received(topic(topics.CHALLENGE), challenge(b"k" * 32), T0 + 10), MakeEvidence)
+    p.evidence_made(ask, b"token", T0 + 10)
+    assert p.tick(T0 + 15) == []  # its request is 5 s old: the answer may be on its way
+    assert p.next_tick_at(T0 + 15) == T0 + 25
+
+
+def test_a_late_answer_to_an_earlier_request_of_ours_is_believed() -> None:
+    p = make()
+    p.enclave_started((), (KEY,))
+    online(p)
+    for nonce in (b"1" * 32, b"2" * 32):
+        ask = only(p.received(topic(topics.CHALLENGE), challenge(nonce), T0), MakeEvidence)
+        p.evidence_made(ask, b"token", T0)
+    load = only(p.received(topic(topics.KEYS_RESPONSE), released(b"1" * 32, KEY), T0), LoadKeys)
+    assert [k.key_id for k in load.keys] == [KEY]
+    # the other request's answer brings nothing new: no longer believed
+    assert p.received(topic(topics.KEYS_RESPONSE), released(b"2" * 32, KEY), T0) == []
+
+
+def test_only_the_newest_outstanding_requests_are_remembered() -> None:
+    p = make()
+    p.enclave_started((), (KEY,))
+    online(p)
+    nonces = [bytes([65 + i]) * 32 for i in range(6)]
+    for nonce in nonces:
+        ask = only(p.received(topic(topics.CHALLENGE), challenge(nonce), T0), MakeEvidence)
+        p.evidence_made(ask, b"token", T0)
+    assert p.received(topic(topics.KEYS_RESPONSE), released(nonces[1], KEY), T0) == []
+    only(p.received(topic(topics.KEYS_RESPONSE), released(nonces[2], KEY), T0), LoadKeys)
 
 
 def test_a_revoked_device_does_not_ask_to_be_challenged() -> None:
