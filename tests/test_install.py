@@ -4,8 +4,9 @@ A device gets the base install alone (`pip install strongroom`), with every base
 its declared floor; the fleet gets `strongroom[fleet]` alone, with the newest releases setup.cfg
 allows (cbor2 6 among them). Each side then runs only from its own environment, against a real
 Mosquitto with the fleet's generated TLS and ACL config: the fleet is set up, the device enrolls,
-attests, gets its keys and answers `agent invoke`, and `status` shows it trusted. A runtime
-import that setup.cfg does not declare, or a floor that is not real, fails here.
+attests, gets its keys and answers `agent invoke`, and `status` shows it trusted; Ctrl-C stops
+the agent and its children without a traceback, and `enclave run` answers from the keys the agent
+sealed. A runtime import that setup.cfg does not declare, or a floor that is not real, fails here.
 """
 
 from __future__ import annotations
@@ -300,6 +301,12 @@ def test_a_base_install_runs_a_device_against_a_fleet_install(installs: Installs
         rows = json.loads(_run(fleet, *argv).stdout)["devices"]
         assert [(r["device"], r["result"]) for r in rows] == [("cam-1", "affirming")]
         _interrupt_as_a_terminal_does(agent)
+        # `enclave run`, the other device command, from the keys the agent sealed on the device
+        argv = ["enclave", "run", "--bundle", str(bundle), "--image", str(bundle / "enclave.img")]
+        sealed = bundle / "artifacts" / "vendor.sra"
+        argv += ["--state", str(bundle / "state"), "--artifact", str(sealed)]
+        once = _run(device, *argv, "--no-privilege-separation", "vendor:echo", '{"b": 2}')
+        assert json.loads(once.stdout) == {"echo": {"b": 2}}
     finally:
         for proc in reversed(procs[1:]):
             proc.stop()
