@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from provisioning.devkeys import dev_wrapped_key
 from agent.enclave_source import write_enclave_source
 from agent.host import EnclaveHost, HostConfig, WrappedKey
 from provisioning.build import build_enclave
+from provisioning.devkeys import dev_wrapped_key
 from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome, init_home
 from provisioning.seal import seal_artifact
