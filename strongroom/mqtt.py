@@ -641,6 +641,10 @@ class MqttClient:
                 )
                 with self._lock:
                     self._client._sock_close()  # our own override (_BufferedPaho)
+            elif self._stop.is_set():  # our own disconnect (stop): nothing went wrong
+                self._up = False
+                self.connected.clear()
+                return
             else:
                 problem = self._lost()
             self._up = False

@@ -380,3 +380,15 @@ def test_wait_connected_says_the_cause_and_what_to_do(
         client.stop()
     assert problems.UNKNOWN_CA in str(raised.value)
     assert "another fleet" in raised.value.diagnostics()
+
+
+def test_our_own_stop_is_not_a_lost_connection(
+    fleet: tuple[FleetHome, Broker], tmp_path: Path
+) -> None:
+    home, broker = fleet
+    with capture_logs() as logs:
+        client = MqttClient(_settings(home.ca_cert, _device(home, tmp_path), broker.port))
+        client.start().wait_connected(10)
+        client.stop()
+    assert [e for e in logs if e["event"] == "mqtt_connection_failed"] == []
+    assert client.problem is None
