@@ -21,7 +21,8 @@ What it covers (docs/protocol.md has the messages):
 - a revoke command counts only if signed with the verifier's result key and addressed to this
   device; the retained copy of a command already obeyed is ignored; once the enclave obeyed,
   status `revoked` carries the command's nonce, and a command refused is reported in `online`;
-- evidence of its own every `attest_interval_s` (and at start); while keys are missing (and the
+- evidence of its own every `attest_interval_s` (and at start, unless connected first: the
+  challenge that answers `online` is the attestation then); while keys are missing (and the
   device is not revoked), `online` again to be challenged again: `key_retry` after its last
   announcement or key request, backing off while nothing comes (15 s, 30 s, ... 2 min), so a
   fleet whose verifier is slow to release keys does not bury it under more key requests;
@@ -55,8 +56,8 @@ from strongroom.signing import VerifyKey
 
 log = structlog.get_logger()
 DEFAULT_INTERVAL_S = 300.0
-# while artifacts lack keys, announce again after this long to get a challenge (no jitter: the
-# protocol draws no random numbers, and devices' own timelines spread them)
+# while artifacts lack keys, announce again after this long to get a challenge (no jitter, so the
+# protocol stays deterministic: devices' own timelines spread them)
 KEY_RETRY = Backoff(initial_s=15.0, factor=2.0, cap_s=120.0, jitter=0.0)
 OUTSTANDING_REQUESTS = 4  # key requests whose answer is still believed
 OUTBOX_RETRY_S = 1.0  # while connected, a send that failed is tried again after this long
@@ -179,9 +180,12 @@ class DeviceProtocol:
             self.missing[key_id] = None
 
     def connected(self, now: float) -> list[Output]:
-        """After each (re)connect: deliver what waited, then say we are online."""
+        """After each (re)connect: deliver what waited, then say we are online. The verifier
+        answers `online` with a challenge, which is an attestation: the next one of our own is
+        due an interval later (evidence of its own at once would be appraised twice over)."""
         self.connected_now, self._in_flight = True, None
         self._key_retries = 0
+        self._last_attest = max(self._last_attest, now)
         return self._announce(now)
 
     def disconnected(self, now: float) -> list[Output]:

@@ -307,6 +307,14 @@ def test_it_attests_at_start_and_then_every_interval() -> None:
     assert p.tick(T0 - 50) == [MakeEvidence(None)]  # a clock set back counts as due
 
 
+def test_a_connect_is_answered_by_a_challenge_so_its_own_evidence_waits_an_interval() -> None:
+    p = make((), interval=300)
+    online(p, T0)
+    assert p.tick(T0 + 1) == []
+    assert p.next_tick_at(T0 + 1) == T0 + 300
+    assert p.tick(T0 + 300) == [MakeEvidence(None)]
+
+
 def test_while_keys_are_missing_it_announces_again_to_be_challenged_backing_off() -> None:
     p = make(retry=15, interval=10_000)
     p.enclave_started((), (KEY,))
