@@ -5,22 +5,32 @@ kind of object ("strongroom/artifact-manifest/v1", ...), so a signature over one
 can never be replayed as another. Keys are stored as PKCS#8 / SubjectPublicKeyInfo PEM so that
 standard tools can read them; signing and verifying use libsodium (PyNaCl), the fastest Ed25519
 available here.
+
+The PEM files Strongroom writes have one form per kind of key (the one below, which cryptography
+writes too), read and written here without cryptography, whose serialization module is a large part
+of every device process's start (the platform reads its attestation key at start; the enclave never
+reads PEM). Any other PEM is handed to cryptography, imported then.
 """
 
 from __future__ import annotations
 
+import binascii
 import hashlib
 from dataclasses import dataclass
 
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from strongroom.errors import FormatError, SignatureError
 
 SIGNATURE_SIZE = 64
+# DER of the Ed25519 key structures up to the raw 32 bytes (RFC 8410): PKCS#8 v1 without
+# attributes or public key (OneAsymmetricKey, private key as an OCTET STRING in an OCTET STRING),
+# and SubjectPublicKeyInfo.
+_PKCS8_PREFIX = bytes.fromhex("302e020100300506032b657004220420")
+_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PRIVATE_LABEL, _PUBLIC_LABEL = b"PRIVATE KEY", b"PUBLIC KEY"
 
 
 @dataclass(frozen=True)
@@ -57,13 +67,18 @@ class VerifyKey:
             raise SignatureError("bad Ed25519 signature") from e
 
     def to_pem(self) -> bytes:
-        key = ed25519.Ed25519PublicKey.from_public_bytes(self.raw)
-        return key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        """SubjectPublicKeyInfo PEM (the bytes cryptography writes for this key)."""
+        return _pem(_PUBLIC_LABEL, _SPKI_PREFIX + self.raw)
 
     @classmethod
     def from_pem(cls, pem: bytes) -> VerifyKey:
+        raw = _raw_from_pem(pem, _PUBLIC_LABEL, _SPKI_PREFIX)
+        if raw is not None:
+            return cls(raw)
+        # imported here: see the module's docstring
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
+
         try:
             key = serialization.load_pem_public_key(pem)
         except ValueError as e:
@@ -101,15 +116,18 @@ class SigningKey:
         return nacl.bindings.crypto_sign(message, self._secret)[:SIGNATURE_SIZE]
 
     def to_pem(self) -> bytes:
-        key = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(self._key))
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+        """Unencrypted PKCS#8 PEM (the bytes cryptography writes for this key)."""
+        return _pem(_PRIVATE_LABEL, _PKCS8_PREFIX + bytes(self._key))
 
     @classmethod
     def from_pem(cls, pem: bytes) -> SigningKey:
+        seed = _raw_from_pem(pem, _PRIVATE_LABEL, _PKCS8_PREFIX)
+        if seed is not None:
+            return cls(seed)
+        # imported here: see the module's docstring
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+        from cryptography.hazmat.primitives.asymmetric import ed25519  # noqa: PLC0415
+
         try:
             key = serialization.load_pem_private_key(pem, password=None)
         except (ValueError, TypeError) as e:
@@ -130,3 +148,29 @@ class SigningKey:
 
 def _framed(domain: bytes, message: bytes) -> bytes:
     return domain + b"\x00" + message
+
+
+def _pem(label: bytes, der: bytes) -> bytes:
+    """PEM of a DER structure of at most 48 bytes (one line of base64, as OpenSSL writes it)."""
+    body = binascii.b2a_base64(der, newline=False)
+    return b"-----BEGIN " + label + b"-----\n" + body + b"\n-----END " + label + b"-----\n"
+
+
+def _raw_from_pem(pem: bytes, label: bytes, prefix: bytes) -> bytes | None:
+    """The 32 key bytes of `pem` if it is exactly the PEM `_pem` writes for `prefix` + 32 bytes;
+    None for anything else (another layout, other whitespace, another key type), which the
+    caller hands to cryptography."""
+    head = b"-----BEGIN " + label + b"-----\n"
+    tail = b"\n-----END " + label + b"-----\n"
+    if not (pem.startswith(head) and pem.endswith(tail)):
+        return None
+    body = pem[len(head) : len(pem) - len(tail)]
+    try:
+        der = binascii.a2b_base64(body, strict_mode=True)
+    except binascii.Error:
+        return None
+    if len(der) != len(prefix) + 32 or not der.startswith(prefix):
+        return None
+    if binascii.b2a_base64(der, newline=False) != body:  # the one canonical encoding only
+        return None
+    return der[len(prefix) :]
