@@ -11,10 +11,12 @@ meanwhile by a new connection, the dead client's writer lands on that connection
 which is always writable: a callback spinning on every loop turn.
 
 `Connection` checks, when a deferred registration runs in the loop, that paho still has that
-very socket open (paho forgets its socket before closing it); otherwise there is nothing to
-register. Nothing else of aiomqtt's behaviour changes. The attribute names it relies on
-(`_loop`, `_disconnected`, `_misc_loop`, `_misc_task`) are aiomqtt 2's (setup.cfg pins
-`aiomqtt>=2.3,<3`); tests/test_simulator.py exercises the race.
+very socket open (paho forgets its socket before closing it) and, for the writer, still wants
+it (a writer added after paho unregistered it would never be removed: called on every turn);
+otherwise there is nothing to register. Nothing else of aiomqtt's behaviour changes. The names
+it relies on (aiomqtt's `_loop`, `_disconnected`, `_misc_loop`, `_misc_task`, paho's
+`_registered_write`) are aiomqtt 2's and paho 2's (setup.cfg pins `aiomqtt>=2.3,<3`,
+`paho-mqtt>=2.1,<3`); tests/test_simulator.py exercises both races.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class Connection(aiomqtt.Client):
                     self._disconnected.set_exception(exc)
 
         def register() -> None:
-            if _still_open(client, sock):  # with nothing left to write, paho unregisters it
+            # paho may have closed the socket, or unregistered the writer, meanwhile
+            if _still_open(client, sock) and getattr(client, "_registered_write", True):
                 self._loop.add_writer(sock.fileno(), write)
 
         self._loop.call_soon_threadsafe(register)

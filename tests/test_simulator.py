@@ -67,6 +67,7 @@ class _Paho:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock: socket.socket | None = sock
+        self._registered_write = True
 
     def socket(self) -> socket.socket | None:
         return self.sock
@@ -96,6 +97,28 @@ async def _close_before_deferred_registration(client_class: Any) -> list[dict[st
     await asyncio.sleep(0.05)
     theirs.close()
     return failures
+
+
+async def _unregistered_before_deferred_registration(client_class: Any) -> bool:
+    """paho asks for the writer and takes the request back before the deferred registration
+    runs; whether a writer is left registered (one paho will never remove)."""
+    client = client_class("localhost", 1)
+    ours, theirs = socket.socketpair()
+    paho = _Paho(ours)
+    paho._registered_write = True
+    client._on_socket_register_write(paho, None, ours)
+    paho._registered_write = False
+    client._on_socket_unregister_write(paho, None, ours)
+    await asyncio.sleep(0.05)
+    left: bool = asyncio.get_running_loop().remove_writer(ours.fileno())
+    ours.close()
+    theirs.close()
+    return left
+
+
+def test_a_writer_unregistered_before_its_deferred_registration_is_not_added() -> None:
+    assert not asyncio.run(_unregistered_before_deferred_registration(Connection))
+    assert asyncio.run(_unregistered_before_deferred_registration(aiomqtt.Client))
 
 
 def test_a_socket_closed_before_its_deferred_registration_is_left_alone() -> None:
