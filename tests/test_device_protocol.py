@@ -5,12 +5,14 @@ the same scripted verifier exchange: what they publish and ask of the enclave mu
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from agent.daemon import AgentConfig, AgentDaemon
@@ -43,6 +45,15 @@ OTHER_KEY = "cd" * 16
 T0 = 1_800_000_000.0
 VERIFIER = SigningKey.generate()
 Out = TypeVar("Out", Publish, MakeEvidence, LoadKeys, Revoke)
+
+
+@pytest.fixture(autouse=True)
+def _every_log_level() -> Iterator[None]:
+    """Info events too, whatever level an earlier test's entry point configured."""
+    before = structlog.get_config()
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET))
+    yield
+    structlog.configure(**before)
 
 
 def only(outputs: Sequence[Output], kind: type[Out]) -> Out:
