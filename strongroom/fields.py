@@ -139,48 +139,75 @@ def _head_table() -> list[tuple[int, int, int]]:
     return table
 
 
+def _skip_table(heads: list[tuple[int, int, int]]) -> bytes:
+    """For each initial byte, the whole item's length in bytes when the head alone gives it (a
+    scalar, or a string whose length is in the head), else 0 (see `_HEADS`)."""
+    return bytes(
+        1 + size if kind == _SCALAR else 1 + arg if kind == _STRING and not size else 0
+        for kind, size, arg in heads
+    )
+
+
 _HEADS = _head_table()
+_SKIP = _skip_table(_HEADS)  # the scan's fast path: most items of our formats are these
 
 
 def _scan(data: bytes, what: str, max_depth: int, outer_tags: Any) -> None:
     """Walk the item heads of `data`, skipping string contents: exactly one item, of the plain
     types `load_cbor` accepts, nothing after it. Linear in the number of items, at most the
-    number of bytes (each item takes one at least)."""
-    end, pos, heads = len(data), 0, _HEADS
-    todo = [1]  # items still to read at each open level (a map counts keys and values)
-    outer = True  # nothing but allowed outer tags read yet
-    while todo:
-        if not todo[-1]:
-            todo.pop()
-            continue
-        todo[-1] -= 1
-        if pos >= end:
-            raise FormatError(f"{what} is truncated (not well-formed CBOR)")
-        kind, size, arg = heads[data[pos]]
-        pos += 1
-        if size:
-            arg = int.from_bytes(data[pos : pos + size], "big")
-            pos += size
-        if kind == _SCALAR:
-            pass
-        elif kind == _STRING:
-            pos += arg
-        elif kind == _TAG:
-            bignum = arg in _BIGNUMS and pos < end and data[pos] >> 5 == 2  # around a bstr
-            if not (bignum or (outer and arg in outer_tags)):
-                raise FormatError(f"{what} holds a CBOR tag, which is not allowed")
-            todo[-1] += 1  # the tagged item follows
-            continue
-        elif kind == _REFUSED:
-            raise FormatError(f"{what} holds an indefinite length or a CBOR simple value")
-        else:  # an array or a map
-            if len(todo) > max_depth:
-                raise FormatError(f"{what} nests deeper than {max_depth} levels")
-            todo.append(arg if kind == _ARRAY else 2 * arg)
-        outer = False
+    number of bytes (each item takes one at least). One loop with the items a head sizes on
+    its own (`_SKIP`) first: it runs for every item of every message the verifier reads."""
+    end, pos, heads, skip = len(data), 0, _HEADS, _SKIP
+    while pos < end and heads[data[pos]][0] == _TAG:  # outer tags: the listed ones, or bignums
+        pos = _tag(data, pos, what, outer_tags)
+    left = 1  # items still to read at the open level (a map counts keys and values)
+    enclosing: list[int] = []  # the same for each enclosing level
+    try:
+        while True:
+            if not left:
+                if not enclosing:
+                    break
+                left = enclosing.pop()
+                continue
+            left -= 1
+            step = skip[data[pos]]  # IndexError: truncated
+            if step:
+                pos += step
+                continue
+            kind, size, arg = heads[data[pos]]
+            pos += 1 + size
+            arg = int.from_bytes(data[pos - size : pos], "big") if size else arg
+            if kind == _STRING:
+                pos += arg
+            elif kind == _TAG:
+                pos = _tag(data, pos - 1 - size, what, ())
+                left += 1  # the tagged item follows
+            elif kind == _REFUSED:
+                raise FormatError(f"{what} holds an indefinite length or a CBOR simple value")
+            else:  # an array or a map
+                if len(enclosing) >= max_depth:
+                    raise FormatError(f"{what} nests deeper than {max_depth} levels")
+                enclosing.append(left)
+                left = arg if kind == _ARRAY else 2 * arg
+    except IndexError:
+        raise FormatError(f"{what} is truncated (not well-formed CBOR)") from None
     if pos != end:
         message = "is truncated (not well-formed CBOR)" if pos > end else "has data after its end"
         raise FormatError(f"{what} {message}")
+
+
+def _tag(data: bytes, pos: int, what: str, allowed: Any) -> int:
+    """The position after the tag head at `pos` if the tag is allowed here (a bignum around a
+    byte string, or one of `allowed`), else FormatError."""
+    _kind, size, number = _HEADS[data[pos]]
+    pos += 1
+    if size:
+        number = int.from_bytes(data[pos : pos + size], "big")
+        pos += size
+    bignum = number in _BIGNUMS and pos < len(data) and data[pos] >> 5 == 2  # around a bstr
+    if not (bignum or number in allowed):
+        raise FormatError(f"{what} holds a CBOR tag, which is not allowed")
+    return pos
 
 
 # -- declarative schemas --------------------------------------------------------------------------
