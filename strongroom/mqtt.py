@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import paho.mqtt.client as paho
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
@@ -337,6 +337,16 @@ class _BufferedPaho(paho.Client):
             sent = 0
         if sent < len(data):
             self._wbuf.append(data[sent:])
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        """paho calls this after every PUBACK of ours to send what waits for a free slot, and
+        walks all its outgoing messages to find them: a walk over a whole batch of results in
+        flight for each result the broker acknowledges. When every outgoing message counts as
+        in flight, none waits (paho counts a message in flight only while it holds it), so
+        there is nothing to send and no walk."""
+        if len(self._out_messages) <= self._inflight_messages:
+            return paho.MQTT_ERR_SUCCESS
+        return super()._update_inflight()
 
     def _sock_close(self) -> None:
         with contextlib.suppress(OSError):  # what is buffered (a DISCONNECT) goes out if it can
