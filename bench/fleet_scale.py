@@ -120,6 +120,8 @@ def measure(report: Path, start: float, end: float) -> dict[str, float]:
     """Evidence sent in [start, end - 5 s): its results, latency and losses, per the devices."""
     latencies, lost, sent, results = [], 0, 0, 0
     for line in report.with_name(report.name + ".devices.jsonl").read_text().splitlines():
+        if not line.strip():
+            continue  # no report from a worker (the scorecard counts it missing)
         d = json.loads(line)
         if d["scenario"] != "healthy":
             continue

@@ -321,6 +321,8 @@ async def _drive(  # noqa: PLR0917 - the run's parts, passed once
     fleet.missing_reports = len(specs) - len(reports)
     for p in procs:
         await asyncio.to_thread(p.join, 30)
+        if p.is_alive():  # its report came too late (or never): it would block our exit
+            p.terminate()
     await asyncio.sleep(1.0)  # the last results reach the observer
     stop_observer.set()
     observer.cancel()
