@@ -13,8 +13,6 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from cryptography import x509
-
 from strongroom.errors import FormatError
 
 # Why a connection failed, as one of a few named causes with what to do. Classification is pure
@@ -100,6 +98,9 @@ class CertificateValidity:
 
 def certificate_validity(cert_pem: bytes) -> CertificateValidity:
     """The subject and validity of a PEM certificate; FormatError if it is none."""
+    # cryptography's X.509 costs tens of milliseconds to import: only when a certificate is read
+    from cryptography import x509  # noqa: PLC0415
+
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as e:
