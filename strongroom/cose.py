@@ -100,6 +100,54 @@ def parse(token: bytes, what: str) -> Sign1:
     """The structure of a token, checked; FormatError for anything that is not our COSE_Sign1."""
     if len(token) > MAX_TOKEN:
         raise FormatError(f"{what} is larger than {MAX_TOKEN} bytes")
+    ours = _parse_ours(token)
+    return ours if ours is not None else _parse_any(token, what)
+
+
+# The start of every token `sign_payload` makes: tag 18, array(4), the protected header as a byte
+# string, then the unprotected map(1) and its key 4 (kid).
+_OURS = _SIGN1_HEAD + bstr(_PROTECTED) + b"\xa1\x04"
+_SIGNATURE_HEAD = bstr(bytes(SIGNATURE_SIZE))[:2]
+
+
+def _parse_ours(token: bytes) -> Sign1 | None:
+    """A token in exactly the layout we sign (`sign_payload`), read directly: the Sign1 that
+    `_parse_any` makes of it, in a fifth of the time; None for anything else (which
+    `_parse_any` then reads or refuses). tests/test_cose.py holds the two to the same result."""
+    if not token.startswith(_OURS):
+        return None
+    kid, pos = _byte_string(token, len(_OURS))
+    payload, pos = _byte_string(token, pos)
+    if (
+        kid is None
+        or payload is None
+        or len(kid) > MAX_KID
+        or len(token) != pos + 2 + SIGNATURE_SIZE
+        or token[pos : pos + 2] != _SIGNATURE_HEAD
+    ):
+        return None
+    return Sign1(_PROTECTED, kid, payload, token[pos + 2 :])
+
+
+def _byte_string(data: bytes, pos: int) -> tuple[bytes | None, int]:
+    """The definite-length byte string at `pos` and the position after it, or None."""
+    if pos >= len(data) or data[pos] >> 5 != 2:
+        return None, pos
+    info = data[pos] & 0x1F
+    if info < 24:
+        size, start = info, pos + 1
+    elif info <= 27:
+        width = 1 << (info - 24)
+        size, start = int.from_bytes(data[pos + 1 : pos + 1 + width], "big"), pos + 1 + width
+    else:
+        return None, pos  # an indefinite length, or a reserved one
+    if start + size > len(data):
+        return None, pos
+    return data[start : start + size], start + size
+
+
+def _parse_any(token: bytes, what: str) -> Sign1:
+    """Any token `parse` accepts: bounded CBOR decoding, then the envelope's checks."""
     obj = load_cbor(_untagged(token), what, max_size=MAX_TOKEN, max_depth=MAX_DEPTH)
     if not (type(obj) is list and len(obj) == 4):
         raise FormatError(f"{what} is not a COSE_Sign1")

@@ -181,3 +181,31 @@ def test_claims_must_be_a_map() -> None:
     token = cbor2.dumps(cbor2.CBORTag(18, [protected, {4: KID}, payload, signature]))
     with pytest.raises(FormatError, match="not a map"):
         cose.verify(token, KEY.verify_key, "t")
+
+
+def _parsed(token: bytes) -> cose.Sign1 | str:
+    try:
+        return cose._parse_any(token, "t")
+    except FormatError as e:
+        return f"refused: {e}"
+
+
+@pytest.mark.parametrize("payload_size", [0, 23, 24, 255, 256, 65535 - 400])
+@pytest.mark.parametrize("kid", [b"", b"cam-001", b"k" * 256, b"k" * 257])
+def test_our_own_layout_read_directly_is_what_the_general_path_reads(
+    payload_size: int, kid: bytes
+) -> None:
+    """`parse` reads the layout we sign directly; whatever it accepts so, the general path (CBOR
+    decoding and the envelope's checks) accepts with the same result, and anything it does not
+    recognise goes to the general path. Checked on our tokens and on every single-byte change,
+    cut and extension of their heads."""
+    token = cose.sign_payload(bytes(payload_size), KEY, kid)
+    fast = cose._parse_ours(token)
+    assert fast == (_parsed(token) if len(kid) <= cose.MAX_KID else None)
+    variants = [token[:n] for n in range(len(token) - 80, len(token))] + [token + b"\0"]
+    for i in range(min(len(token), 16 + len(kid))):  # the heads, the key id, the payload's head
+        for byte in (0x00, 0x18, 0x40, 0x41, 0x58, 0x5B, 0x5F, 0xA2, token[i] ^ 1):
+            variants.append(token[:i] + bytes((byte,)) + token[i + 1 :])
+    for v in variants:
+        got = cose._parse_ours(v)
+        assert got is None or got == _parsed(v), v[:24].hex()
