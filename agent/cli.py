@@ -66,6 +66,14 @@ def _enclave_run(args: argparse.Namespace) -> int:
             hint="pip install 'strongroom[fleet]', or give the enclave its keys from the verifier",
         )
     read_bundle_info(args.bundle)  # a clear error for a wrong path before anything changes
+    # the bundle's platform (its monotonic counters) serves one process at a time
+    with AgentLock.acquire(args.bundle, by="enclave run"):
+        return _enclave_run_locked(args, value, dev_keys)
+
+
+def _enclave_run_locked(
+    args: argparse.Namespace, value: object, dev_keys: DevKeySource | None
+) -> int:
     launcher = _separation(args, args.state)
     config = HostConfig(
         bundle=args.bundle,
@@ -100,22 +108,21 @@ def _agent_run(args: argparse.Namespace) -> int:
     read_bundle_info(args.bundle)  # a clear error for a wrong path before anything starts
     parse_broker_url(args.broker)
     state, _socket = _agent_paths(args)
-    if os.geteuid() != 0:
-        make_private_dir(state)
-    # One agent per bundle, refused before anything starts. As root the state directory is made
-    # by the separation (never through a link): on a first run the lock is taken after it.
-    lock = AgentLock.acquire(state)
-    launcher = None
-    try:
-        launcher = _separation(args, state)  # as root it makes the state directory
-        make_private_dir(state)
-        lock = lock or AgentLock.acquire(state)
-        _serve(args, launcher)
-    finally:
-        if launcher is not None:
-            launcher.close()
-        if lock is not None:
-            lock.release()
+    # One agent per bundle, whatever its --state: refused before anything starts. The lock's
+    # descriptor outlives the separation (the bundle becomes root's, this process the agent's
+    # user), which as root also makes the state directory (never through a link).
+    with AgentLock.acquire(args.bundle, state) as lock:
+        if os.geteuid() != 0:
+            make_private_dir(state)
+        launcher = None
+        try:
+            launcher = _separation(args, state)
+            make_private_dir(state)
+            lock.record_pid(state)
+            _serve(args, launcher)
+        finally:
+            if launcher is not None:
+                launcher.close()
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import fcntl
 import json
 import os
 import stat
@@ -27,7 +26,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
-from agent.lock import LOCK_FILE
+from agent import lock
 from strongroom import bundle, canonical
 from strongroom.errors import EnvironmentFault, InputError, StrongroomError
 from strongroom.mqtt import (
@@ -246,22 +245,33 @@ def _platform(root: Path) -> list[Finding]:
 
 
 def _agent(root: Path, state: Path) -> Finding:
-    """Whether an agent holds the bundle (a shared lock tried and dropped at once)."""
-    path = state / LOCK_FILE
+    """Whether an agent holds the bundle: read from the kernel's table of locks, never by taking
+    the lock (an agent starting at that instant would find it taken and refuse to run)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return ok("agent.running", f"no agent has run with state {state} yet")
+        pid = lock.holder(root)
+    except OSError as e:
+        return warning(
+            "agent.running",
+            f"cannot tell whether an agent is running with {root}: {e.strerror}",
+            "check with `systemctl status` or `ps` (this check reads /proc/locks)",
+        )
+    if pid is not None:
+        return ok("agent.running", f"an agent (PID {pid}) is running with {root}")
+    path = state / lock.PID_FILE
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            return ok("agent.running", f"an agent (PID {pid}) is running with {root}")
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        path.lstat()
+    except FileNotFoundError:
         return ok("agent.running", f"no agent is running with {root}")
-    finally:
-        os.close(fd)
+    except OSError as e:
+        return warning(
+            "agent.running",
+            f"no agent holds {root}, and {path} cannot be read: {e.strerror}",
+            "run doctor as root or as the agent's user to check the state directory",
+        )
+    return ok(
+        "agent.running",
+        f"no agent is running with {root} (the last one did not remove {path}: it was killed)",
+    )
 
 
 def _broker(root: Path, url: str, protocol: Any, now: dt.datetime) -> list[Finding]:

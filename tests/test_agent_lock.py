@@ -12,33 +12,45 @@ from pathlib import Path
 import pytest
 
 from agent.local_api import LocalApi, call
-from agent.lock import AgentLock, AgentRunning
+from agent.lock import PID_FILE, AgentLock, AgentRunning, holder
+from strongroom.cli import EXIT_ENVIRONMENT
 from strongroom.errors import EnvironmentFault, InputError
-from tests.fleet import Fleet, cli, short_socket_dir, wait_until
+from tests.fleet import Fleet, Proc, cli, short_socket_dir, wait_until
 
 
-def test_a_second_lock_on_one_state_directory_names_the_holder(tmp_path: Path) -> None:
-    first = AgentLock.acquire(tmp_path)
-    assert first is not None
+def test_a_second_lock_on_one_bundle_names_the_holder_whatever_its_state(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    first = AgentLock.acquire(bundle, tmp_path / "state-a")
     try:
-        with pytest.raises(AgentRunning) as raised:
-            AgentLock.acquire(tmp_path)  # another open file description: flock refuses it
+        with pytest.raises(AgentRunning) as raised:  # another open file description: refused
+            AgentLock.acquire(bundle, tmp_path / "state-b")
         assert f"PID {os.getpid()}" in str(raised.value)
         assert "\n" not in raised.value.diagnostics()
+        with pytest.raises(AgentRunning, match=r"an agent is running with this bundle \(PID"):
+            AgentLock.acquire(bundle, by="enclave run")
+        assert holder(bundle) == os.getpid()  # read without taking the lock
     finally:
         first.release()
-    again = AgentLock.acquire(tmp_path)  # released: free again, the file left in place
-    assert again is not None
-    again.release()
-    assert (tmp_path / "agent.lock").stat().st_mode & 0o077 == 0
+    assert holder(bundle) is None
+    AgentLock.acquire(bundle).release()  # released: free again
+    assert os.listdir(bundle) == []  # no file is made in the bundle
+
+
+def test_the_pid_file_is_written_for_the_holder_and_removed_with_the_lock(tmp_path: Path) -> None:
+    lock = AgentLock.acquire(tmp_path)
+    lock.record_pid(tmp_path)
+    assert (tmp_path / PID_FILE).read_text() == f"{os.getpid()}\n"
+    assert (tmp_path / PID_FILE).stat().st_mode & 0o077 == 0
+    lock.release()
+    assert not (tmp_path / PID_FILE).exists()
 
 
 def test_the_lock_is_not_taken_through_a_link(tmp_path: Path) -> None:
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    with pytest.raises(EnvironmentFault):
+    with pytest.raises(EnvironmentFault, match="cannot open the bundle directory"):
         AgentLock.acquire(tmp_path / "link")
-    assert AgentLock.acquire(tmp_path / "missing") is None
 
 
 def _echo(entrypoint: str, value: object) -> object:
@@ -90,9 +102,7 @@ def test_a_stale_socket_is_replaced_and_a_plain_file_is_refused() -> None:
     assert plain.read_text() == "keep me"
 
 
-def test_a_second_agent_on_one_bundle_is_refused_and_the_first_keeps_serving(
-    fleet: Fleet,
-) -> None:
+def _serving_agent(fleet: Fleet) -> Proc:
     fleet.start()
     fleet.enroll("cam-1")
     first = fleet.agent("cam-1")
@@ -101,16 +111,66 @@ def test_a_second_agent_on_one_bundle_is_refused_and_the_first_keeps_serving(
     wait_until(
         lambda: fleet.invoke("cam-1", "vendor:echo", "1").returncode == 0, 30, "the first agent"
     )
-    second = subprocess.run(
+    return first
+
+
+def _one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == EXIT_ENVIRONMENT, done.stderr
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("strongroom: error")]
+    assert len(errors) == 1, done.stderr
+    return errors[0]
+
+
+def test_a_second_agent_on_one_bundle_is_refused_whatever_its_state_and_the_first_keeps_serving(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    first = _serving_agent(fleet)
+    for state in ([], ["--state", str(tmp_path / "other-state")]):  # the default, and its own
+        second = subprocess.run(
+            cli(
+                "agent",
+                "run",
+                "--bundle",
+                str(fleet.root / "cam-1"),
+                "--broker",
+                fleet.broker.url,
+                "--socket",
+                str(fleet.socket("cam-1").with_name("second.sock")),
+                *state,
+                "--no-privilege-separation",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        error = _one_error_line(second)
+        assert f"PID {first.p.pid}" in error and "already running" in error
+    assert not (tmp_path / "other-state").exists()  # refused before anything was made
+    assert first.p.poll() is None
+    answer = fleet.invoke("cam-1", "vendor:echo", '{"after": true}')  # its socket still works
+    assert answer.returncode == 0, answer.stderr
+    assert json.loads(answer.stdout) == {"echo": {"after": True}}
+
+
+def test_enclave_run_is_refused_while_an_agent_holds_the_bundle(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    first = _serving_agent(fleet)
+    bundle = fleet.root / "cam-1"
+    done = subprocess.run(
         cli(
-            "agent",
+            "enclave",
             "run",
+            "vendor:echo",
+            "1",
             "--bundle",
-            str(fleet.root / "cam-1"),
-            "--broker",
-            fleet.broker.url,
-            "--socket",
-            str(fleet.socket("cam-1")),
+            str(bundle),
+            "--image",
+            str(bundle / "enclave.img"),
+            "--state",
+            str(tmp_path / "enclave-state"),
             "--no-privilege-separation",
         ),
         capture_output=True,
@@ -118,12 +178,7 @@ def test_a_second_agent_on_one_bundle_is_refused_and_the_first_keeps_serving(
         timeout=60,
         check=False,
     )
-    assert second.returncode != 0
-    errors = [line for line in second.stderr.splitlines() if line.startswith("strongroom: error")]
-    assert len(errors) == 1, second.stderr
-    assert f"PID {first.p.pid}" in errors[0] and "already running" in errors[0]
-    assert "Traceback" not in second.stderr
+    error = _one_error_line(done)
+    assert f"an agent is running with this bundle (PID {first.p.pid})" in error
+    assert not (tmp_path / "enclave-state").exists()  # refused before a platform started
     assert first.p.poll() is None
-    answer = fleet.invoke("cam-1", "vendor:echo", '{"after": true}')  # its socket still works
-    assert answer.returncode == 0, answer.stderr
-    assert json.loads(answer.stdout) == {"echo": {"after": True}}

@@ -4,6 +4,7 @@ error finding (exit 1), with what to do; `--home` on a device install is one lin
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.lock import AgentLock
 from provisioning import ca
 from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome, init_home
@@ -172,3 +174,39 @@ def test_home_checks_without_the_fleet_side_are_one_line(
 def test_doctor_needs_something_to_check(run_cli: RunCli) -> None:
     code, _out, err = run_cli(["doctor"])
     assert code == cli.EXIT_USAGE and err.count("\n") == 1
+
+
+def test_doctor_names_a_running_agent_without_taking_its_lock(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bundle = _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    (bundle / "state").mkdir()
+    (bundle / "state" / "agent.lock").write_text("1\n")  # what an agent of yesterday left
+    with AgentLock.acquire(bundle):
+        taken: list[int] = []
+        real_flock = fcntl.flock
+
+        def flock(fd: int, operation: int) -> None:
+            taken.append(operation)
+            real_flock(fd, operation)
+
+        monkeypatch.setattr(fcntl, "flock", flock)
+        _code, found = _doctor(run_cli, "--bundle", bundle)
+        assert taken == []  # a starting agent's LOCK_EX|LOCK_NB would have failed meanwhile
+        assert (
+            found["agent.running"]["what"]
+            == f"an agent (PID {os.getpid()}) is running with {bundle}"
+        )
+    _code, found = _doctor(run_cli, "--bundle", bundle)
+    assert found["agent.running"]["level"] == "ok"
+    assert found["agent.running"]["what"] == f"no agent is running with {bundle}"
+
+
+def test_an_unreadable_state_directory_is_a_warning_not_no_agent(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    bundle = _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    (tmp_path / "not-a-dir").write_text("")
+    _code, found = _doctor(run_cli, "--bundle", bundle, "--state", tmp_path / "not-a-dir")
+    assert found["agent.running"]["level"] == "warning", found["agent.running"]
+    assert "cannot be read" in found["agent.running"]["what"]
