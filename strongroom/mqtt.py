@@ -36,6 +36,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from strongroom.connection_problems import (
@@ -274,6 +275,10 @@ def check_broker(s: MqttSettings, verdict_s: float = 1.5) -> BrokerCheck:
     return BrokerCheck(where, problem, before, after)
 
 
+_PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]  # paho lacks a hint
+
+
 class _BufferedPaho(paho.Client):
     """paho with buffered socket I/O. paho reads a packet in three or more calls (command byte,
     each length byte, body) and writes every packet (each PUBACK too) with its own TLS record and
@@ -292,6 +297,8 @@ class _BufferedPaho(paho.Client):
         self.room: Callable[[], bool] = lambda: True  # whether the owner can take a message
         self._wbuf: list[bytes] = []
         self.read_error: OSError | None = None  # what the last failed read raised (diagnostics)
+        # (topic, payload, retain, mid, qos) of each PUBLISH that `_handle_publish` takes itself
+        self.on_inbound: Callable[[str, bytes, bool, int, int], None] | None = None
 
     def buffered(self) -> bool:
         """Whether received bytes wait in memory (select() cannot see them)."""
@@ -337,6 +344,53 @@ class _BufferedPaho(paho.Client):
             sent = 0
         if sent < len(data):
             self._wbuf.append(data[sent:])
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        """An incoming PUBLISH of QoS 0, or of QoS 1 that the owner acknowledges (`manual_ack`),
+        goes straight to `on_inbound`: paho would build a message object (with a condition
+        variable), an MQTT 5 Properties object and a log line for each, none of which we read.
+        Anything else, or a packet that does not decode, is paho's to handle (and refuse)."""
+        header, packet = self._in_packet["command"], self._in_packet["packet"]
+        qos = (header & 0x06) >> 1
+        if self.on_inbound is None or qos > 1 or (qos == 1 and not self._manual_ack):
+            return super()._handle_publish()
+        try:
+            end = 2 + int.from_bytes(packet[:2], "big")
+            topic = bytes(packet[2:end]).decode()
+            mid = int.from_bytes(packet[end : end + 2], "big") if qos else 0
+            pos = end + 2 if qos else end
+            if self._protocol == paho.MQTTv5:  # the properties' length, a variable byte integer
+                size = 0
+                for shift in (0, 7, 14, 21):
+                    byte = packet[pos]
+                    pos, size = pos + 1, size | (byte & 0x7F) << shift
+                    if not byte & 0x80:
+                        break
+                else:
+                    raise ValueError("a malformed properties length")
+                pos += size
+            elif not topic:
+                raise ValueError("an empty topic")
+            if pos > len(packet):
+                raise ValueError("truncated")
+        except (ValueError, IndexError):  # UnicodeDecodeError is a ValueError
+            return super()._handle_publish()
+        with self._in_callback_mutex:
+            self.on_inbound(topic, bytes(packet[pos:]), bool(header & 0x01), mid, qos)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        """The broker's PUBACK to one of our QoS 1 publishes, in its short form (success, no
+        properties): paho would decode a reason code and a Properties object for an
+        `on_publish` callback that we do not set. Any other form is paho's to decode."""
+        packet = self._in_packet["packet"]
+        if cmd != "PUBACK" or len(packet) != 2 or self.on_publish is not None:
+            return super()._handle_pubackcomp(cmd)
+        mid = int.from_bytes(packet, "big")
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, _PUBACK_SUCCESS, _NO_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _update_inflight(self) -> MQTTErrorCode:
         """paho calls this after every PUBACK of ours to send what waits for a free slot, and
@@ -421,6 +475,7 @@ class MqttClient:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_inbound = self._on_inbound
         client.on_subscribe = self._on_subscribe
         return client
 
@@ -456,6 +511,16 @@ class MqttClient:
             self.dropped += 1
             if self.dropped % 1000 == 1:
                 log.error("mqtt_inbox_full", dropped=self.dropped, topic=msg.topic[:120])
+
+    def _on_inbound(self, topic: str, payload: bytes, retain: bool, mid: int, qos: int) -> None:
+        try:
+            self.inbox.put_nowait(
+                Inbound(topic, payload, retain, time.monotonic(), mid, qos, self._session)
+            )
+        except queue.Full:  # not while the socket pauses at a full inbox (see _room)
+            self.dropped += 1
+            if self.dropped % 1000 == 1:
+                log.error("mqtt_inbox_full", dropped=self.dropped, topic=topic[:120])
 
     def _on_subscribe(self, _c: paho.Client, _u: Any, mid: int, codes: Any, _p: Any) -> None:
         with self._suback_cond:

@@ -164,3 +164,42 @@ def test_a_backlog_larger_than_the_inbox_arrives_whole(
         assert [m.payload for m in got] == sent
     finally:
         verifier.stop()
+
+
+def _publish_packet(topic: bytes, payload: bytes, qos: int, props: bytes) -> bytes:
+    mid = b"\x12\x34" if qos else b""
+    return len(topic).to_bytes(2, "big") + topic + mid + props + payload
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.parametrize(
+    "props", [b"\x00", b"\x02\x01\x01", b"\x8c\x01" + b"\x26\x00\x01k\x00\x01v" * 20]
+)
+def test_a_publish_read_directly_is_what_paho_decodes(qos: int, props: bytes) -> None:
+    """The adapter reads a PUBLISH to its inbox itself (`_BufferedPaho._handle_publish`): the
+    topic, payload, retain flag, packet id and QoS paho's own decoder finds; a packet it cannot
+    read goes to paho, which refuses it."""
+    from paho.mqtt import _packet  # noqa: PLC0415 - only here: paho stays in the adapter
+    from paho.mqtt.client import MQTTv5  # noqa: PLC0415
+    from paho.mqtt.enums import CallbackAPIVersion  # noqa: PLC0415
+    from paho.mqtt.exception import MalformedPacket  # noqa: PLC0415
+
+    from strongroom.mqtt import _BufferedPaho  # noqa: PLC0415
+
+    client = _BufferedPaho(CallbackAPIVersion.VERSION2, manual_ack=True, protocol=MQTTv5)
+    got: list[tuple[Any, ...]] = []
+    client.on_inbound = lambda *args: got.append(args)
+    for topic, payload in (
+        (b"fleet/cam-1/evidence", b"\x00\xff" * 300),
+        ("fleet/ü/x".encode(), b""),
+    ):
+        header = 0x30 | qos << 1 | 1
+        packet = _publish_packet(topic, payload, qos, props)
+        client._in_packet.update({"command": header, "packet": bytearray(packet)})
+        client._handle_publish()
+        want = _packet.decode_publish(header, packet, MQTTv5)
+        assert got.pop() == (want.topic.decode(), want.payload, True, want.mid, want.qos)
+    client._in_packet.update({"command": 0x32, "packet": bytearray(b"\x00\x09fleet/x")})
+    with pytest.raises(MalformedPacket):
+        client._handle_publish()
+    assert not got
