@@ -21,7 +21,7 @@ from agent.launcher import Launcher
 from agent.local_api import call
 from agent.lock import AgentLock
 from agent.privsep import DeviceUsers, separate
-from strongroom.cliargs import positive_float
+from strongroom.cliargs import interval_s, timeout_s
 from strongroom.errors import EnvironmentFault, InputError
 from strongroom.fsutil import make_private_dir
 from strongroom.mqtt import add_mqtt_version, mqtt_protocol, parse_broker_url
@@ -205,7 +205,7 @@ def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> No
     p.add_argument("--state", type=Path, help="host state directory (default: BUNDLE/state)")
     p.add_argument("--socket", type=Path, help="local API socket (default: STATE/agent.sock)")
     p.add_argument(
-        "--interval", type=positive_float, default=300.0, help="seconds between attestations"
+        "--interval", type=interval_s, default=300.0, help="seconds between attestations"
     )
     p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
     _add_separation_options(p)
@@ -218,7 +218,7 @@ def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> No
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--state", type=Path)
     p.add_argument("--socket", type=Path)
-    p.add_argument("--timeout", type=positive_float, default=60.0, metavar="S")
+    p.add_argument("--timeout", type=timeout_s, default=60.0, metavar="S")
     p.set_defaults(handler=_agent_invoke)
 
     enclave = groups["enclave"]
@@ -231,7 +231,7 @@ def register(groups: dict[str, Any], dev_keys: DevKeySource | None = None) -> No
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--state", type=Path, required=True, help="host state directory (sealed keys)")
     p.add_argument("--artifact", type=Path, action="append", default=[], metavar="ARTIFACT")
-    p.add_argument("--timeout", type=positive_float, default=10.0, metavar="S")
+    p.add_argument("--timeout", type=timeout_s, default=10.0, metavar="S")
     p.add_argument("--dev", action="store_true", help="development mode: allow debug images")
     p.add_argument(
         "--dev-keys-from",

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from device_sim.scenarios import SCENARIOS, parse_scenarios
-from strongroom.cliargs import non_negative_int, positive_float, positive_int
+from strongroom.cliargs import MAX_INTERVAL_S, int_range, interval_s, positive_int
 
 SMALL_FLEET = 16  # up to this many devices, enclaves run as processes by default
 
@@ -41,7 +41,7 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument(
         "--scenarios", default="all", help=f"comma-separated, or all: {', '.join(SCENARIOS)}"
     )
-    p.add_argument("--duration", type=positive_float, default=30.0, metavar="S")
+    p.add_argument("--duration", type=interval_s, default=30.0, metavar="S")
     p.add_argument("--report", type=Path, default=Path("scorecard.json"), metavar="FILE")
     p.add_argument(
         "--enclave",
@@ -51,13 +51,13 @@ def register(groups: dict[str, Any]) -> None:
     p.add_argument("--broker", metavar="URL", help="use this broker and its verifier")
     p.add_argument(
         "--interval",
-        type=positive_int,
+        type=int_range(1, MAX_INTERVAL_S),
         default=30,
         help="attestation interval of a new simulator home's policy (s)",
     )
     p.add_argument(
         "--grace",
-        type=non_negative_int,
+        type=int_range(0, MAX_INTERVAL_S),
         default=5,
         help="offline grace of a new simulator home (seconds)",
     )

@@ -3,6 +3,8 @@
 Each turns the option's text into a number or raises `argparse.ArgumentTypeError`, which argparse
 prints as one usage error line naming the option (exit status 2). Non-finite floats (nan, inf)
 are refused everywhere: a NaN interval or timeout compares false with everything and hangs a loop.
+Seconds have an upper bound too (intervals and durations 7 days, timeouts 1 day): a wait of 1e10 s
+overflows the C timeout below `threading.Event.wait` and was an internal error.
 This module only parses; it imports no role.
 """
 
@@ -13,6 +15,9 @@ import math
 from collections.abc import Callable
 
 MAX_PORT = 65535
+DAY_S = 86400
+MAX_INTERVAL_S = 7 * DAY_S  # attestation intervals, grace periods, simulation durations
+MAX_TIMEOUT_S = DAY_S  # how long a command waits for an answer
 
 
 def _float(text: str) -> float:
@@ -37,20 +42,32 @@ def finite_float(text: str) -> float:
     return _float(text)
 
 
-def positive_float(text: str) -> float:
-    """A finite number above 0 (seconds of an interval or a timeout)."""
-    value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
-    return value
+def seconds(limit: float, *, zero: bool = False) -> Callable[[str], float]:
+    """Seconds above 0 (from 0 if `zero`) up to `limit`."""
+
+    def parse(text: str) -> float:
+        value = _float(text)
+        if value < 0 or (value == 0 and not zero):
+            least = "0 or more" if zero else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {least} seconds, not {text}")
+        if value > limit:
+            raise argparse.ArgumentTypeError(
+                f"must be at most {limit:g} seconds ({_days(limit)}), not {text}"
+            )
+        return value
+
+    parse.__name__ = "seconds"  # argparse names the type in some messages
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number, 0 or more."""
-    value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
+def _days(limit: float) -> str:
+    days = limit / DAY_S
+    return f"{days:g} day" + ("" if days == 1 else "s")
+
+
+interval_s = seconds(MAX_INTERVAL_S)  # between attestations, a simulation's length
+timeout_s = seconds(MAX_TIMEOUT_S)  # waiting for an answer
+settle_s = seconds(MAX_TIMEOUT_S, zero=True)
 
 
 def int_range(lo: int, hi: int) -> Callable[[str], int]:
@@ -71,14 +88,6 @@ def positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """A whole number, 0 or more."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 

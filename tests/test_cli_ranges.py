@@ -1,5 +1,6 @@
-"""Numeric options are range-checked when parsed: one usage error line naming the option, exit
-status 2, before anything runs (`agent run --interval 0` used to hang)."""
+"""Numeric options are range-checked when parsed, at both ends: one usage error line naming the
+option, exit status 2, before anything runs (`agent run --interval 0` used to hang, and
+`agent invoke --timeout 1e10` was an internal error)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,17 @@ BAD = [
     (["sim", "run", *H, "--workers", "0"], "--workers"),
     ([*BUILD, "--product-id", "65536"], "--product-id"),
     ([*SEAL, "--min-svn", "-1"], "--min-svn"),
+    # no upper bound was an internal error (OverflowError in threading.Event.wait)
+    (["agent", "run", *B, "--broker", "mqtts://h:1", "--interval", "1e10"], "--interval"),
+    (["agent", "invoke", "m:f", "1", *B, "--timeout", "1e10"], "--timeout"),
+    (["agent", "invoke", "m:f", "1", *B, "--timeout", "86401"], "--timeout"),
+    ([*ENCLAVE_RUN, "--timeout", "1e10"], "--timeout"),
+    (["verifier", "run", *H, "--challenge-interval", "1e10"], "--challenge-interval"),
+    (["status", *H, "--settle", "1e10"], "--settle"),
+    (["sim", "run", *H, "--duration", "1e10"], "--duration"),
+    (["sim", "run", *H, "--duration", "604801"], "--duration"),
+    (["sim", "run", *H, "--interval", "604801"], "--interval"),
+    (["sim", "run", *H, "--grace", "10000000000"], "--grace"),
 ]  # fmt: skip
 
 
@@ -71,16 +83,38 @@ def test_an_out_of_range_number_is_one_usage_error_line(
 def test_numbers_in_range_are_accepted() -> None:
     argv = ["agent", "run", *B, "--broker", "mqtts://h:1", "--interval", "0.5"]
     assert build_parser(argv).parse_args(argv).interval == 0.5
+    argv = ["agent", "run", *B, "--broker", "mqtts://h:1", "--interval", "604800"]
+    assert build_parser(argv).parse_args(argv).interval == 7 * 86400
+    argv = ["agent", "invoke", "m:f", "1", *B, "--timeout", "86400"]
+    assert build_parser(argv).parse_args(argv).timeout == 86400
     argv = ["verifier", "run", *H, "--metrics-port", "65535", "--instance", "8"]
     args = build_parser(argv).parse_args(argv)
     assert (args.metrics_port, args.instance) == (65535, 8)
     argv = ["status", *H, "--settle", "0"]
     assert build_parser(argv).parse_args(argv).settle == 0.0
+    argv = ["sim", "run", *H, "--duration", "604800", "--interval", "604800", "--grace", "0"]
+    args = build_parser(argv).parse_args(argv)
+    assert (args.duration, args.interval, args.grace) == (604800, 604800, 0)
+
+
+def test_a_huge_timeout_is_a_usage_error_not_an_internal_error(run_cli: RunCli) -> None:
+    code, _out, err = run_cli(["agent", "invoke", "m:f", "1", *B, "--timeout", "1e10"])
+    assert code == EXIT_USAGE
+    assert "must be at most 86400 seconds (1 day), not 1e10" in err
+    assert "internal error" not in err
 
 
 @pytest.mark.parametrize("text", ["nan", "inf", "-inf", "1e999", "x", ""])
 def test_non_finite_and_non_numbers_are_refused(text: str) -> None:
-    for parse in (cliargs.positive_float, cliargs.non_negative_float, cliargs.finite_float):
+    for parse in (cliargs.interval_s, cliargs.timeout_s, cliargs.settle_s, cliargs.finite_float):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
+
+
+def test_seconds_include_their_ends() -> None:
+    assert cliargs.timeout_s(str(cliargs.MAX_TIMEOUT_S)) == cliargs.MAX_TIMEOUT_S
+    assert cliargs.settle_s("0") == 0
+    for parse, text in ((cliargs.timeout_s, "0"), (cliargs.settle_s, "-0.1")):
         with pytest.raises(argparse.ArgumentTypeError):
             parse(text)
 

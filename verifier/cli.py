@@ -11,7 +11,7 @@ import structlog
 
 from provisioning.broker import DEFAULT_PORT, broker_user, find_mosquitto, write_broker_config
 from provisioning.home import MAX_VERIFIER_INSTANCES, FleetHome, open_home
-from strongroom.cliargs import int_range, port, positive_float
+from strongroom.cliargs import int_range, interval_s, port
 from strongroom.errors import IntegrityError
 from strongroom.mqtt import (
     MqttClient,
@@ -238,5 +238,5 @@ def register(groups: dict[str, Any]) -> None:
     )
     p.add_argument("--metrics-bind", default="127.0.0.1", help="address for the metrics")
     add_mqtt_version(p)
-    p.add_argument("--challenge-interval", type=positive_float, help=argparse.SUPPRESS)
+    p.add_argument("--challenge-interval", type=interval_s, help=argparse.SUPPRESS)
     p.set_defaults(handler=_verifier_run, daemon=True)

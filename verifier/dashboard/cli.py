@@ -24,7 +24,7 @@ from provisioning.home import (
     open_home,
     read_operator_token,
 )
-from strongroom.cliargs import int_range, non_negative_float, port
+from strongroom.cliargs import int_range, port, settle_s
 from strongroom.errors import EnvironmentFault
 from strongroom.mqtt import add_mqtt_version, mqtt_protocol
 from strongroom.signals import stop_event
@@ -194,7 +194,7 @@ def register(roles: Any) -> None:
     p.add_argument("--watch", action="store_true", help="keep refreshing until interrupted")
     p.add_argument(
         "--settle",
-        type=non_negative_float,
+        type=settle_s,
         default=3.0,
         metavar="S",
         help="collect retained messages for at most S seconds before the first output",
