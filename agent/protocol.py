@@ -16,8 +16,10 @@ What it covers (docs/protocol.md has the messages):
   outbox is delivered, so evidence reaches the verifier in sequence order), else evidence;
 - a key response is believed only if it answers the nonce of one of its outstanding requests
   (the newest few: a late answer to an earlier request of this enclave is as good, and ignoring
-  it only made a loaded verifier release the keys again); released keys go to the enclave and
-  their renewal times are kept; once loaded, fresh evidence says so;
+  it only made a loaded verifier release the keys again); a revocation or a new enclave forgets
+  them all (an answer to a request from before would undo the revocation); released keys go to
+  the enclave and their renewal times are kept; once one loaded, fresh evidence says so, and a
+  revoked device is revoked no more;
 - a revoke command counts only if signed with the verifier's result key and addressed to this
   device; the retained copy of a command already obeyed is ignored; once the enclave obeyed,
   status `revoked` carries the command's nonce, and a command refused is reported in `online`;
@@ -173,7 +175,9 @@ class DeviceProtocol:
 
     def enclave_started(self, unsealed: Iterable[str], needing_keys: Iterable[str]) -> None:
         """The enclave is up: `unsealed` artifacts opened from their sealed keys (renewed at the
-        first chance: their lease is not known), `needing_keys` wait for the fleet's."""
+        first chance: their lease is not known), `needing_keys` wait for the fleet's. A new
+        enclave has a new key-release key: no earlier request's answer is for it."""
+        self._requested.clear()
         for key_id in unsealed:
             self.renew_at[key_id] = 0.0
         for key_id in needing_keys:
@@ -297,7 +301,9 @@ class DeviceProtocol:
         self, request: LoadKeys, refused_by_enclave: Mapping[str, str], now: float
     ) -> list[Output]:
         """The keys of `request` were loaded but those in `refused_by_enclave` (key id ->
-        reason); fresh evidence then tells the fleet what the enclave runs now."""
+        reason); fresh evidence then tells the fleet what the enclave runs now (nothing loaded:
+        nothing new to tell, and a revoked device stays revoked)."""
+        loaded = False
         for key in request.keys:
             name = self.config.artifacts.get(key.key_id, key.key_id)
             if key.key_id in refused_by_enclave:
@@ -307,14 +313,18 @@ class DeviceProtocol:
             self.missing.pop(key.key_id, None)
             self.renew_at[key.key_id] = key.renew_at
             self._key_retries = 0
+            self.revoked, loaded = False, True  # keyed again (for a request made since)
             log.info("artifact_loaded_with_released_key", artifact=name, lease_until=key.until)
-        return self.attest(now) if request.keys else []
+        return self.attest(now) if loaded else []
 
     def revoke_done(self, request: Revoke, reason: str, now: float) -> list[Output]:
         self._last_command = request.nonce
         self.missing = dict.fromkeys(self.config.artifacts)
         self.renew_at.clear()
         self.revoked = True
+        # an answer to a request made before would be believed, load its keys and end the
+        # revocation: only a request made since (after a reinstatement) counts now
+        self._requested.clear()
         log.warning("revoked", reason=reason)
         return [self._status("revoked", now, report=reason, command=request.nonce)]
 
@@ -361,8 +371,6 @@ class DeviceProtocol:
             log.warning("key_response_ignored", reason="it answers no request of ours")
             return []
         self._requested.clear()  # answered: what the others would bring, this brought
-        if response.keys:
-            self.revoked = False  # keyed again: reinstated
         for key_id, reason in response.refused:
             log.warning("key_refused", key_id=key_id, reason=reason)
         keys = tuple(k for k in response.keys if k.key_id in self.config.artifacts)

@@ -415,8 +415,45 @@ def test_keys_released_again_after_a_reinstatement_end_the_revoked_state() -> No
     ask = only(p.received(topic(topics.CHALLENGE), challenge(b"m" * 32), T0), MakeEvidence)
     assert ask == MakeEvidence(b"m" * 32, (KEY,))
     p.evidence_made(ask, b"token", T0)
-    p.received(topic(topics.KEYS_RESPONSE), released(b"m" * 32, KEY), T0)
+    load = only(p.received(topic(topics.KEYS_RESPONSE), released(b"m" * 32, KEY), T0), LoadKeys)
+    assert only(p.keys_loaded(load, {}, T0), MakeEvidence) == MakeEvidence(None)
     assert not p.revoked
+
+
+def test_an_answer_to_a_key_request_made_before_a_revocation_is_not_believed_after_it() -> None:
+    p = make()
+    p.enclave_started((), (KEY,))
+    online(p)
+    ask = only(p.received(topic(topics.CHALLENGE), challenge(b"a" * 32), T0), MakeEvidence)
+    p.published(only(p.evidence_made(ask, b"token", T0), Publish), T0)
+    revoke = only(p.received(topic(topics.COMMAND), revoke_command(), T0 + 1), Revoke)
+    p.revoke_done(revoke, "stolen", T0 + 1)
+    with capture_logs() as logs:
+        assert p.received(topic(topics.KEYS_RESPONSE), released(b"a" * 32, KEY), T0 + 2) == []
+    assert [e["event"] for e in logs] == ["key_response_ignored"]
+    assert p.revoked and list(p.missing) == [KEY]
+
+
+def test_a_new_enclave_forgets_the_requests_of_the_one_before() -> None:
+    p = make()
+    p.enclave_started((), (KEY,))
+    online(p)
+    ask = only(p.received(topic(topics.CHALLENGE), challenge(b"a" * 32), T0), MakeEvidence)
+    p.evidence_made(ask, b"token", T0)
+    p.enclave_started((), (KEY,))
+    assert p.received(topic(topics.KEYS_RESPONSE), released(b"a" * 32, KEY), T0) == []
+
+
+def test_a_revoked_device_stays_revoked_until_a_released_key_actually_loads() -> None:
+    p = keyed()
+    revoke = only(p.received(topic(topics.COMMAND), revoke_command(), T0), Revoke)
+    p.revoke_done(revoke, "stolen", T0)
+    ask = only(p.received(topic(topics.CHALLENGE), challenge(b"b" * 32), T0), MakeEvidence)
+    p.published(only(p.evidence_made(ask, b"token", T0), Publish), T0)
+    load = only(p.received(topic(topics.KEYS_RESPONSE), released(b"b" * 32, KEY), T0), LoadKeys)
+    assert p.revoked  # not before the enclave took a key
+    assert p.keys_loaded(load, {KEY: "refused"}, T0) == []
+    assert p.revoked and list(p.missing) == [KEY]
 
 
 @pytest.mark.parametrize(
@@ -562,13 +599,15 @@ class SimClient:
 
 
 def _script(device: str, key_id: str, result_signer: SigningKey) -> list[tuple[str, bytes]]:
-    """A verifier's side of an exchange: challenges, keys, a stale response, a revoke and its
-    retained copy, a forged command, garbage, and a challenge once revoked."""
-    n1, n2, n3 = b"1" * 32, b"2" * 32, b"3" * 32
+    """A verifier's side of an exchange: a challenge, a revoke while its key request is out and
+    that request's late answer, a reinstatement's challenge and keys, a stale response, the
+    revoke's retained copy, a forged command, garbage, a second revoke and a challenge then."""
+    n1, n2, n3, n4 = b"1" * 32, b"2" * 32, b"3" * 32, b"4" * 32
     keys = (
         messages.ReleasedKey(key_id, b"w" * 40, b"aad", time.time() + 3600, time.time() + 3000),
     )
     command = sign_command(Command.revoke(device, "stolen", time.time()), result_signer)
+    again = sign_command(Command.revoke(device, "again", time.time()), result_signer)
     forged = sign_command(Command.revoke(device, "forged", time.time()), SigningKey.generate())
 
     def t(leaf: str) -> str:
@@ -576,14 +615,17 @@ def _script(device: str, key_id: str, result_signer: SigningKey) -> list[tuple[s
 
     return [
         (t(topics.CHALLENGE), messages.Challenge(n1, time.time() + 60).encode()),
-        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n1, keys, ()).encode()),
-        (t(topics.CHALLENGE), messages.Challenge(n2, time.time() + 60).encode()),
-        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n1, keys, ()).encode()),  # stale
         (t(topics.COMMAND), command),
+        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n1, keys, ()).encode()),  # pre-revoke
+        (t(topics.CHALLENGE), messages.Challenge(n2, time.time() + 60).encode()),
+        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n2, keys, ()).encode()),  # reinstated
+        (t(topics.CHALLENGE), messages.Challenge(n3, time.time() + 60).encode()),
+        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n2, keys, ()).encode()),  # stale
         (t(topics.COMMAND), command),  # the retained copy, after a reconnect say
         (t(topics.COMMAND), forged),
         (t(topics.CHALLENGE), b"\xff garbage"),
-        (t(topics.CHALLENGE), messages.Challenge(n3, time.time() + 60).encode()),
+        (t(topics.COMMAND), again),
+        (t(topics.CHALLENGE), messages.Challenge(n4, time.time() + 60).encode()),
     ]
 
 
@@ -630,7 +672,7 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     daemon = AgentDaemon(config)
     (key_id,) = daemon.by_key
     script = _script(DEVICE, key_id, result_signer)
-    nonces = {b"1" * 32, b"2" * 32, b"3" * 32}
+    nonces = {b"1" * 32, b"2" * 32, b"3" * 32, b"4" * 32}
     daemon_enclave = Enclave(fleet_home.result_verify_key(), nonces)
     daemon.host = DaemonHost(daemon_enclave, {kit.model: key_id})  # type: ignore[assignment]
     daemon_mqtt = DaemonMqtt()
@@ -669,15 +711,19 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     assert [leaf for leaf, _ in leaves] == [
         "status",  # online
         "keys/request",  # the key missing
-        "evidence",  # after loading it
-        "evidence",  # the second challenge
-        "status",  # revoked (the retained copy ignored)
+        "status",  # revoked (the late answer to the request before it ignored)
+        "keys/request",  # revoked: the key missing
+        "evidence",  # reinstated: after loading it
+        "evidence",  # the third challenge (the stale answer and the retained copy ignored)
         "status",  # the forged command reported
-        "keys/request",  # revoked: keys missing again
+        "status",  # revoked again
+        "keys/request",  # the key missing again
     ]
     states = [what[0] for leaf, what in leaves if leaf == "status" and what is not None]
-    assert states == ["online", "revoked", "online"]
+    assert states == ["online", "revoked", "online", "revoked"]
     assert [c for c, _ in daemon_enclave.calls] == [
+        "evidence",
+        "revoke",
         "evidence",
         "load",
         "evidence",
