@@ -85,6 +85,15 @@ def test_late_evidence_within_the_window_is_accepted_once_but_not_newest() -> No
     assert state.devices["dev-a"].last_seq == 10
 
 
+def test_a_redelivery_of_the_highest_after_a_late_one_is_still_a_duplicate() -> None:
+    """Late evidence does not take the place of the highest: its redelivery stays benign."""
+    state = _state()
+    decide(_item(10, token=b"e10"), state, NOW)
+    assert decide(_item(9, token=b"e9"), state, NOW).freshness is Freshness.PERIODIC
+    assert decide(_item(10, token=b"e10"), state, NOW).freshness is Freshness.DUPLICATE
+    assert state.devices["dev-a"].last_hash == b"e10"
+
+
 def test_evidence_below_the_window_is_a_replay() -> None:
     state = _state(last_seq=SEQ_WINDOW + 5)
     assert decide(_item(5), state, NOW).freshness is Freshness.REPLAY

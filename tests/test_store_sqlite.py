@@ -131,6 +131,17 @@ def test_an_older_accepted_evidence_sent_again_is_a_replay_not_a_duplicate(
     assert accept(store, "dev-a", nonce(9), 3, "e3") is Freshness.REPLAY
 
 
+def test_a_redelivery_of_the_highest_after_a_late_one_is_a_duplicate_not_a_replay(
+    store: SqliteStore,
+) -> None:
+    """Accept 10, then a late 9 (another verifier's order), then 10 again (a redelivery): the
+    redelivery is benign, across batches too."""
+    accept(store, "dev-a", nonce(9), 10, "e10")
+    assert accept(store, "dev-a", nonce(9), 9, "e9", now=NOW + 1) is Freshness.PERIODIC
+    assert accept(store, "dev-a", nonce(9), 10, "e10", now=NOW + 2) is Freshness.DUPLICATE
+    assert store.last_seq("dev-a") == 10
+
+
 def test_a_seq_far_below_the_highest_is_a_replay(store: SqliteStore) -> None:
     high = SEQ_WINDOW + 50
     accept(store, "dev-a", nonce(9), high, "high")
@@ -157,7 +168,7 @@ def test_the_window_keeps_each_seq_it_covers_as_it_slides(store: SqliteStore) ->
     accept(store, "dev-a", nonce(9), 5 + SEQ_WINDOW - 1, "top")  # e5 is now the window's last bit
     assert accept(store, "dev-a", nonce(9), 5, "e5-again") is Freshness.REPLAY
     assert accept(store, "dev-a", nonce(9), 6, "e6") is Freshness.PERIODIC
-    assert accept(store, "dev-a", nonce(9), 6, "e6") is Freshness.DUPLICATE
+    assert accept(store, "dev-a", nonce(9), 5 + SEQ_WINDOW - 1, "top") is Freshness.DUPLICATE
     accept(store, "dev-a", nonce(9), 5 + SEQ_WINDOW, "next")  # e5 falls out: a replay by age
     assert accept(store, "dev-a", nonce(9), 5, "e5") is Freshness.REPLAY
     assert accept(store, "dev-a", nonce(9), 6, "e6-other") is Freshness.REPLAY

@@ -56,7 +56,8 @@ class NotFresh(IntegrityError):
 @dataclass
 class DeviceWindow:
     """A device's highest sequence number, the hash of the evidence that carried it, and which
-    of the SEQ_WINDOW numbers below it were accepted."""
+    of the SEQ_WINDOW numbers below it were accepted. Only the evidence that carried the highest
+    is recognised as a duplicate when delivered again: a late one's redelivery is a replay."""
 
     last_seq: int
     last_hash: bytes | None
@@ -83,7 +84,8 @@ class DeviceWindow:
             self.last_seq = seq
         else:
             self.window |= 1 << (self.last_seq - seq)
-        self.last_hash = token_hash
+        if seq >= self.last_seq:  # late evidence must not make the highest's redelivery a replay
+            self.last_hash = token_hash
         self.accepted += 1
 
 
