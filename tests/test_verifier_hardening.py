@@ -190,19 +190,34 @@ def test_a_challenge_that_cannot_be_sent_is_not_held_against_the_device(rig: Rig
 def test_a_failed_publish_inside_an_evidence_batch_is_not_held_against_its_devices(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Whatever publish in the pipeline fails, after the commit, is the transport's fault."""
+    """A publish that fails after the commit, for one device's result, is the transport's fault
+    and that device's alone: the others of the batch are still counted, logged and acted on (a
+    contraindicated one revoked, a garbage one rejected and alerted). The batch is acknowledged,
+    so nothing would come again to make up for what was skipped."""
+    import dataclasses  # noqa: PLC0415
+
     from strongroom.mqtt import MqttError  # noqa: PLC0415
 
-    def fail(*_a: Any) -> None:
-        raise MqttError("not connected")
+    real = rig.verifier.pipeline._appraised
 
-    monkeypatch.setattr(rig.verifier.pipeline, "_appraised", fail)
-    batch = [rig.evidence("cam-a"), rig.evidence("cam-b")]
+    def appraised(ev: Any, result: Any) -> None:
+        if ev.device_id == "cam-a":
+            raise MqttError("not connected")
+        real(ev, result)
+
+    monkeypatch.setattr(rig.verifier.pipeline, "_appraised", appraised)
+    rig.verifier.policy = dataclasses.replace(rig.verifier.policy, min_firmware="99.0.0")
+    garbage = _evidence("cam-a", b"\xffjunk")
+    batch = [rig.evidence("cam-a"), rig.evidence("cam-b"), garbage]
     assert rig.verifier.commit(batch)
     assert rig.mqtt.acked == batch
-    assert rig.verifier.counts.get("rejected", 0) == 0
+    assert rig.verifier.counts["replies_not_published"] == 1
     assert rig.verifier.counts.get("internal_errors", 0) == 0
-    assert _alerts(rig) == []
+    assert rig.verifier.counts["appraised_contraindicated"] == 1  # cam-b's
+    assert rig.verifier.devices["cam-b"].status == "revoked"
+    assert rig.verifier.counts["rejected"] == 1  # the garbage alone
+    alerts = [(a.severity, a.device_id) for a in _alerts(rig)]
+    assert alerts == [("critical", "cam-b"), ("warning", "cam-a")]
     assert rig.store.last_seq("cam-a") == 1  # committed: a redelivery is a duplicate
 
 

@@ -132,11 +132,7 @@ class VerifierLoop:
             )
         except self._ctx.store.transient_errors:
             raise
-        except MqttError as e:  # committed; whatever failed to go out is ours, not theirs
-            for msg, _device_id in evidence:
-                self._reply_not_published(msg, e)
-            return
-        except Exception as e:
+        except Exception as e:  # a publish failing after the commit is counted in the pipeline
             if len(evidence) == 1:
                 self._failed(evidence[0][0], e)
             else:  # find the one that fails: the others are appraised as usual

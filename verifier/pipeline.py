@@ -56,7 +56,8 @@ class AppraisalPipeline:
         their results saved, in one transaction: the store's round trips, not the signature
         checks, bound a verifier that takes one message at a time. Each outcome is the evidence
         and its result, None for a duplicate delivery (ignored), or the error that rejected it
-        (nothing recorded). Only the store's failure to commit is raised."""
+        (nothing recorded). Only the store's failure to commit is raised: a publish that fails
+        after it is counted (`replies_not_published`) for its device alone."""
         ctx = self._ctx
         outcomes: list[Outcome] = [None] * len(items)
         verified: list[tuple[int, Evidence, Candidate]] = []
@@ -95,16 +96,31 @@ class AppraisalPipeline:
             return saved
 
         ctx.store.accept_batch([c for _i, _e, c in verified], now, results)
+        # Committed, and the batch will be acknowledged: each device's follow-up (its result
+        # sent again, its count and log line, its revocation) is done on its own, so that a
+        # publish failing for one cannot skip the others' (nothing would come again for them).
         for stored in saved:
             self._publish(stored.device_id, stored.token)
         published = {stored.device_id for stored in saved}
         for device_id in dict.fromkeys(duplicates):
             if device_id not in published:  # a redelivery within the batch: its result just went
-                self._publish_again(device_id)
+                try:
+                    self._publish_again(device_id)
+                except MqttError as e:
+                    self._not_published(device_id, e)
         for outcome in outcomes:
             if isinstance(outcome, tuple):
-                self._appraised(*outcome)
+                try:
+                    self._appraised(*outcome)
+                except MqttError as e:
+                    self._not_published(outcome[0].device_id, e)
         return outcomes
+
+    def _not_published(self, device_id: str, error: MqttError) -> None:
+        """A reply that failed to go out after the commit: the transport's fault, not the
+        device's (no rejection, no alert)."""
+        self._ctx.count("replies_not_published")
+        log.warning("reply_not_published", device=device_id, reason=str(error))
 
     def _publish(self, device_id: str, token: bytes) -> None:
         try:  # paho keeps it in flight
