@@ -221,6 +221,32 @@ def test_a_failed_publish_inside_an_evidence_batch_is_not_held_against_its_devic
     assert rig.store.last_seq("cam-a") == 1  # committed: a redelivery is a duplicate
 
 
+def test_a_result_that_could_not_be_published_goes_out_at_the_next_connect(rig: Rig) -> None:
+    """The retained result failed to go out after its commit (the broker gone): counted, and
+    published from the store when the loop sees the connection back, whatever the device's
+    challenge rate (the device did nothing to spend it); once, not at every connect."""
+    rig.mqtt.fail_on = topics.RESULT
+    assert rig.verifier.commit([rig.evidence("cam-a"), rig.evidence("cam-b")])
+    assert rig.mqtt.results(rig.home) == []
+    assert rig.verifier.counts["replies_not_published"] == 2
+    rig.mqtt.fail_on = ""
+    assert rig.verifier.commit([rig.evidence("cam-b")])  # cam-b's next result went out
+    for _ in range(int(rig.verifier.config.limits.challenges.burst)):
+        rig.verifier.challenges.within_rate("cam-a")  # its challenge rate spent
+    turns: list[bool] = []
+
+    def stop() -> bool:  # the connection comes back at the second turn, drops, comes back
+        turns.append(True)
+        if len(turns) in (2, 4):
+            rig.mqtt.connected.set()
+        elif len(turns) == 3:
+            rig.mqtt.connected.clear()
+        return len(turns) > 4
+
+    rig.verifier.run(stop)
+    assert rig.mqtt.results(rig.home) == [("cam-b", 2), ("cam-a", 1)]
+
+
 class _FailingStore:
     """The real store, whose batch commits fail `failures` times first (a locked database)."""
 

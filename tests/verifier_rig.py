@@ -48,6 +48,13 @@ class Recorder:
     def idle(self, timeout: float) -> None:
         pass
 
+    def receive(self, timeout: float) -> Inbound | None:
+        """The next message put in `inbox`, or None at once (the loop's tests do not wait)."""
+        try:
+            return self.inbox.get_nowait()
+        except queue.Empty:
+            return None
+
     def on(self, leaf: str) -> list[tuple[bytes, bool]]:
         """(payload, retain) of what was published on topics ending in `leaf`."""
         return [(p, r) for t, p, r in self.published if t.endswith(leaf)]

@@ -8,10 +8,11 @@ of the batch is acknowledged and it is tried again after RETRY_S, so a crash or 
 redelivers what was not committed (the freshness rules make a redelivery harmless). A batch is
 acknowledged to the broker once what was decided about it is committed.
 
-Transport errors are never blamed on a device: a reply (a key response, a challenge) that cannot
-be published is logged and counted (`replies_not_published`), never rejected or alerted. What
-was decided is committed by then, so the message is acknowledged as usual and not retried (a
-redelivery would be a duplicate, which answers nothing); the device asks again.
+Transport errors are never blamed on a device: a reply (a key response, a challenge, a result)
+that cannot be published is logged and counted (`replies_not_published`), never rejected or
+alerted. What was decided is committed by then, so the message is acknowledged as usual and not
+retried; the device asks again, and a result that did not go out is published from the store
+when the loop sees the connection back.
 
 Retained messages on the topics devices publish evidence and key requests on are ignored and
 cleared, so nothing replays at every start. Between batches, every TICK_S, a housekeeping turn:
@@ -205,6 +206,13 @@ class VerifierLoop:
         self._fleet.watch(now)
         self._challenges.due(now, self._challenges.interval)
 
+    def _connected_again(self) -> None:
+        """The connection is (back) up: the results that could not be published go out."""
+        try:
+            self._pipeline.publish_unpublished()
+        except Exception as e:  # the store: at the next connect, or the device's next result
+            log.error("results_not_republished", error=type(e).__name__, reason=str(e)[:200])
+
     def run(self, stop: Callable[[], bool]) -> None:
         mqtt = self._ctx.mqtt
         for topic, leaf in zip(self.subscriptions(), SUBSCRIBED, strict=True):
@@ -217,6 +225,7 @@ class VerifierLoop:
             connected = mqtt.connected.is_set()
             if connected and not was_connected:
                 log.info("broker_connected")
+                self._connected_again()
             was_connected = connected
             if self._unacked:
                 self._retry_unacked()

@@ -38,6 +38,7 @@ Outcome = tuple[Evidence, AttestationResult] | StrongroomError | None
 class AppraisalPipeline:
     def __init__(self, ctx: Context, fleet: FleetWatch, challenges: ChallengeScheduler) -> None:
         self._ctx, self._fleet, self._challenges = ctx, fleet, challenges
+        self.unpublished: set[str] = set()  # devices whose saved result did not go out
 
     def verified(self, device_id: str, token: bytes) -> Evidence:
         """The evidence, its signature checked with the topic's device's registered key."""
@@ -123,11 +124,26 @@ class AppraisalPipeline:
         log.warning("reply_not_published", device=device_id, reason=str(error))
 
     def _publish(self, device_id: str, token: bytes) -> None:
-        try:  # paho keeps it in flight
+        try:  # paho keeps it in flight, and sends it again after a reconnect
             topic = topics.device_topic(device_id, topics.RESULT)
             self._ctx.mqtt.publish(topic, token, retain=True, wait=False)
-        except MqttError as e:  # the decision stands; a redelivery sends the stored result
+        except MqttError as e:  # the decision stands: the stored result goes at the next connect
+            self._ctx.count("replies_not_published")
+            self.unpublished.add(device_id)
             log.error("result_not_published", device=device_id, reason=str(e))
+        else:
+            self.unpublished.discard(device_id)
+
+    def publish_unpublished(self) -> None:
+        """Publish the stored result of each device whose result did not go out (called when
+        the connection is back). Not rate limited: the device did nothing to ask for it. One
+        that fails again waits for the next connect, or for the device's next result."""
+        for device_id in sorted(self.unpublished):
+            stored = self._ctx.store.result(device_id)
+            if stored is None:
+                self.unpublished.discard(device_id)
+            else:
+                self._publish(device_id, stored.token)
 
     def _publish_again(self, device_id: str) -> None:
         """A redelivery of the last evidence accepted from a device: perhaps its result never
