@@ -197,7 +197,14 @@ class DirectLauncher:
 
     def start_platform(self, host_fd: int, enclave_fd: int) -> ChildProcess:
         argv = platform_command(str(self._platform_dir), host_fd, enclave_fd)
-        proc = subprocess.Popen(argv, pass_fds=(host_fd, enclave_fd), stdin=subprocess.DEVNULL)
+        # Out of the terminal's process group from its first instruction, as the separated
+        # launcher's children are: a Ctrl-C reaches the agent alone, never a platform still
+        # starting its interpreter (it ignores SIGINT only once agent.platform_main runs). The
+        # enclave it starts joins its group. The platform still dies with the agent
+        # (PR_SET_PDEATHSIG, agent.hardening), and the host stops it on its way out.
+        proc = subprocess.Popen(
+            argv, pass_fds=(host_fd, enclave_fd), stdin=subprocess.DEVNULL, process_group=0
+        )
         # the host asks the platform to shut down over its channel before it stops it
         return _Child(proc, terminate=False)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -182,3 +183,46 @@ def test_enclave_run_is_refused_while_an_agent_holds_the_bundle(
     assert f"an agent is running with this bundle (PID {first.p.pid})" in error
     assert not (tmp_path / "enclave-state").exists()  # refused before a platform started
     assert first.p.poll() is None
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = entry.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(entry.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_platform_and_enclave_run_outside_the_terminals_group_and_stop_with_the_agent(
+    fleet: Fleet, sig: signal.Signals
+) -> None:
+    agent = _serving_agent(fleet)
+    platform = _children(agent.p.pid)
+    assert len(platform) == 1, "the agent's platform process is not running"
+    enclave = _children(platform[0])
+    assert len(enclave) == 1, "the enclave process is not running"
+    # a Ctrl-C signals the terminal's process group, the agent's: the platform (from its start)
+    # and its enclave are in a group of their own
+    group = os.getpgid(platform[0])
+    assert group != os.getpgid(agent.p.pid)
+    assert os.getpgid(enclave[0]) == group
+    agent.p.send_signal(sig)
+    assert agent.p.wait(30) in (0, 130)
+    wait_until(
+        lambda: not any(_running(pid) for pid in platform + enclave),
+        10,
+        "the agent's platform and enclave to stop",
+    )
+    assert "Traceback" not in agent.log()
