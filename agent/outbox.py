@@ -1,48 +1,25 @@
-"""Storage for the outbox: messages waiting for the broker, kept in order until it acknowledged
-them. The protocol (`agent.protocol`) decides what goes in and when an entry is done; this
-module only keeps them.
+"""The agent's outbox, on disk: messages waiting for the broker, kept in order until it
+acknowledged them. The protocol (`agent.protocol`) decides what goes in and when an entry is
+done; this module only keeps them (the queue's types and the simulator's in-memory queue are in
+the pure `agent.pending`).
 
-`Outbox` is the agent's, on disk, so nothing is lost across a broker outage or an agent restart:
-one file per message (`<sequence>.msg`, CBOR {topic, payload}), written atomically before any
-attempt to send and removed only after the broker acknowledged it (QoS 1), so delivery is at least
-once and in order. `MemoryOutbox` is the same queue in memory, for the simulator's thousands of
-devices (a device that stops loses it). When full, either drops the oldest message with a warning
-(evidence is periodic; the newest says most).
+Nothing is lost across a broker outage or an agent restart: one file per message
+(`<sequence>.msg`, CBOR {topic, payload}), written atomically before any attempt to send and
+removed only after the broker acknowledged it (QoS 1), so delivery is at least once and in order.
+When full, it drops the oldest message with a warning (evidence is periodic; the newest says most).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import cbor2
 import structlog
 
+from agent.pending import DEFAULT_CAPACITY, Pending
 from strongroom.fsutil import SECRET_FILE, make_private_dir, write_atomic
 
 log = structlog.get_logger()
-DEFAULT_CAPACITY = 1000
-
-
-@dataclass(frozen=True)
-class Pending:
-    entry: int  # its place in the queue (increasing)
-    topic: str
-    payload: bytes
-
-
-class OutboxStore(Protocol):
-    """What the protocol needs of an outbox's storage."""
-
-    def __len__(self) -> int: ...
-
-    def put(self, topic: str, payload: bytes) -> None: ...
-
-    def first(self) -> Pending | None: ...
-
-    def done(self, item: Pending) -> None: ...
 
 
 class Outbox:
@@ -96,31 +73,3 @@ class Outbox:
 
     def done(self, item: Pending) -> None:
         self._path(item.entry).unlink(missing_ok=True)
-
-
-class MemoryOutbox:
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
-        self._items: deque[Pending] = deque()
-        self._capacity, self._next = capacity, 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, topic: str, payload: bytes) -> None:
-        while len(self._items) >= self._capacity:
-            dropped = self._items.popleft()
-            log.warning("outbox_full_dropped_oldest", dropped=dropped.entry)
-        self._items.append(Pending(self._next, topic, payload))
-        self._next += 1
-
-    def pending(self) -> list[Pending]:
-        return list(self._items)
-
-    def first(self) -> Pending | None:
-        return self._items[0] if self._items else None
-
-    def done(self, item: Pending) -> None:
-        if self._items and self._items[0].entry == item.entry:
-            self._items.popleft()
-        else:  # out of order, or acknowledged twice (harmless)
-            self._items = deque(i for i in self._items if i.entry != item.entry)

@@ -32,7 +32,7 @@ What it covers (docs/protocol.md has the messages):
   acknowledged it (`published`); a failed send leaves it, and the rest, for later.
 
 The outbox's storage is the one seam that does I/O: an `OutboxStore` passed in (the agent's
-is on disk, `agent.outbox.Outbox`; the simulator's is in memory, `agent.outbox.MemoryOutbox`).
+is on disk, `agent.outbox.Outbox`; the simulator's is in memory, `agent.pending.MemoryOutbox`).
 The protocol calls it synchronously; it holds no sockets and no secrets.
 
 Driver contract: perform the outputs of one call in order, one at a time, and feed each action's
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from agent.outbox import OutboxStore, Pending
+from agent.pending import OutboxStore, Pending
 from strongroom import messages, topics
 from strongroom.commands import verify_command
 from strongroom.errors import IntegrityError, StrongroomError
@@ -72,7 +72,11 @@ class ProtocolConfig:
     result_key: VerifyKey  # the verifier's: it signs commands
     artifacts: Mapping[str, str]  # key id -> artifact name (for logs), in the device's order
     attest_interval_s: float = DEFAULT_INTERVAL_S
-    key_retry: Backoff = KEY_RETRY
+    key_retry: Backoff = KEY_RETRY  # without jitter: the protocol draws no random numbers
+
+    def __post_init__(self) -> None:
+        if self.key_retry.jitter:
+            raise ValueError("the device protocol's key retry has no jitter (it is deterministic)")
 
 
 # -- outputs -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import aiomqtt
 import cbor2
 
 from agent.enclave_app import sealing
-from agent.outbox import MemoryOutbox
+from agent.pending import MemoryOutbox
 from agent.platform_service import SimulatedPlatform
 from agent.protocol import (
     DEFAULT_INTERVAL_S,

@@ -18,7 +18,10 @@ class Backoff:
     jitter: float = 0.5  # fraction of the delay drawn at random: 0 none, 1 "full jitter"
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """The wait before retry number `attempt` (0-based)."""
+        """The wait before retry number `attempt` (0-based). Without jitter, no random number
+        is drawn (from `rng` or the global generator): the delay is a pure function."""
         base = min(self.cap_s, self.initial_s * self.factor ** min(attempt, 64))
+        if not self.jitter:
+            return base
         spread = base * self.jitter
         return base - spread + (rng or random).uniform(0, spread)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,7 +19,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from agent.daemon import AgentConfig, AgentDaemon
-from agent.outbox import MemoryOutbox, Pending
+from agent.pending import MemoryOutbox, Pending
 from agent.protocol import (
     DeviceProtocol,
     LoadKeys,
@@ -732,3 +735,32 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
         "evidence",
     ]
     assert daemon.sent == device.protocol.sent == 2
+
+
+# -- purity ------------------------------------------------------------------------------------
+
+
+def test_the_key_retry_delay_draws_no_random_number() -> None:
+    before = random.getstate()
+    p = make()
+    p.enclave_started((), (KEY,))
+    online(p)
+    for n in range(5):
+        p.tick(T0 + 200 * (n + 1))
+    assert p.next_tick_at(T0 + 1000) > T0 + 1000
+    assert random.getstate() == before
+
+
+def test_a_key_retry_with_jitter_is_refused() -> None:
+    with pytest.raises(ValueError, match="jitter"):
+        ProtocolConfig(DEVICE, VERIFIER.verify_key, {}, key_retry=Backoff(jitter=0.5))
+
+
+def test_the_protocol_and_its_outbox_types_import_no_io() -> None:
+    code = (
+        "import sys; import agent.protocol, agent.pending; "
+        "bad = {'paho', 'aiomqtt', 'sqlite3', 'agent.outbox', 'agent.host', 'strongroom.mqtt'}"
+        " & set(sys.modules); print(sorted(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
