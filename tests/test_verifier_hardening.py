@@ -225,12 +225,13 @@ def test_a_result_that_could_not_be_published_goes_out_at_the_next_connect(rig: 
     """The retained result failed to go out after its commit (the broker gone): counted, and
     published from the store when the loop sees the connection back, whatever the device's
     challenge rate (the device did nothing to spend it); once, not at every connect."""
-    rig.mqtt.fail_on = topics.RESULT
+    rig.mqtt.connected.clear()
     assert rig.verifier.commit([rig.evidence("cam-a"), rig.evidence("cam-b")])
     assert rig.mqtt.results(rig.home) == []
     assert rig.verifier.counts["replies_not_published"] == 2
-    rig.mqtt.fail_on = ""
+    rig.mqtt.connected.set()
     assert rig.verifier.commit([rig.evidence("cam-b")])  # cam-b's next result went out
+    rig.mqtt.connected.clear()
     for _ in range(int(rig.verifier.config.limits.challenges.burst)):
         rig.verifier.challenges.within_rate("cam-a")  # its challenge rate spent
     turns: list[bool] = []

@@ -10,7 +10,8 @@ import pytest
 
 from provisioning.enroll import enroll_device
 from provisioning.registry import DeviceRecord
-from strongroom import messages
+from strongroom import messages, topics
+from strongroom.mqtt import MqttError
 from tests.verifier_rig import Rig
 from verifier.operator import REVOKED, set_status
 
@@ -52,6 +53,35 @@ def test_a_device_coming_online_is_challenged_at_once_and_then_not_again_until_d
     assert _challenged(rig) == ["cam-a"]
     rig.verifier.challenges.due(rig.verifier.clock() + 1.0, 10.0)
     assert _challenged(rig) == []
+
+
+def test_a_periodic_challenge_that_could_not_be_sent_is_tried_again_at_the_next_tick(
+    rig: Rig,
+) -> None:
+    rig.store.set_online("cam-a", True, NOW)
+    rig.mqtt.fail_on = topics.CHALLENGE  # the broker refuses it (paho's queue, a lost link)
+    rig.verifier.challenges.due(NOW, 10.0)
+    rig.mqtt.fail_on = ""
+    rig.verifier.challenges.due(NOW + 0.2, 10.0)  # not an interval away
+    assert _challenged(rig) == ["cam-a"]
+
+
+def test_a_challenge_asked_for_while_the_broker_is_away_costs_the_device_nothing(
+    rig: Rig,
+) -> None:
+    """Neither a challenge token nor the periodic slot: the next one comes when it can go out."""
+    rig.mqtt.connected.clear()
+    status = messages.Status("online", NOW).encode()
+    for _ in range(int(rig.verifier.config.limits.challenges.burst) + 1):
+        with pytest.raises(MqttError):
+            rig.verifier.challenge("cam-a", asked_by_device=True)
+    with pytest.raises(MqttError):
+        rig.verifier.handle_status("cam-a", status)
+    assert rig.store.due_for_challenge(rig.verifier.clock(), 10) == ["cam-a"]
+    rig.mqtt.connected.set()
+    rig.verifier.challenge("cam-a", asked_by_device=True)
+    assert _challenged(rig) == ["cam-a"]
+    assert rig.verifier.counts.get("challenges_suppressed", 0) == 0
 
 
 def test_reload_parses_only_registry_entries_new_or_replaced(

@@ -20,20 +20,28 @@ from verifier.service import Verifier, VerifierConfig
 from verifier.store_sqlite import SqliteStore
 
 
+def _connected() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class Recorder:
     published: list[tuple[str, bytes, bool]] = field(default_factory=list)
     inbox: queue.Queue[Inbound] = field(default_factory=queue.Queue)
     acked: list[Inbound] = field(default_factory=list)
     subscribed: dict[str, bool] = field(default_factory=dict)  # topic: retain as published
-    connected: threading.Event = field(default_factory=threading.Event)
-    fail_on: str = ""  # publishing to a topic ending so raises MqttError (a broker gone away)
+    connected: threading.Event = field(default_factory=_connected)
+    fail_on: str = ""  # publishing to a topic ending so raises MqttError (the broker refuses it)
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True
     ) -> None:
-        if self.fail_on and topic.endswith(self.fail_on):
+        if not self.connected.is_set():  # as the adapter does
             raise MqttError(f"not connected; cannot publish to {topic}")
+        if self.fail_on and topic.endswith(self.fail_on):
+            raise MqttError(f"cannot publish to {topic}: the broker went away")
         self.published.append((topic, payload, retain))
 
     def subscribe(

@@ -3,9 +3,10 @@
 A challenge is recorded in the store (`issue_nonce`) before it is published, so its answer is
 recognised whichever verifier process receives it. Periodic challenges go to online devices last
 challenged an interval ago, a slice per tick, each claimed in the store so that several verifiers
-share them; those follow the policy's pace and are never rate limited. A device asks for one with
-its `online` status: that counts against its challenge rate, as does a result sent again for a
-redelivered evidence (`within_rate`).
+share them (a claim whose challenge could not go out is given back, so the device is due again
+at the next tick); those follow the policy's pace and are never rate limited. A device asks for
+one with its `online` status: that counts against its challenge rate, as does a result sent
+again for a redelivered evidence (`within_rate`). Nothing is spent while the broker is away.
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ class ChallengeScheduler:
         """Take one of the device's challenge tokens, if it has one."""
         return self._limit.allow(device_id, self._ctx.clock())
 
-    def challenge(self, device_id: str, *, asked_by_device: bool = False) -> None:
-        """Send a challenge. One the device asked for (its `online` status) counts against its
-        challenge rate; the verifier's own (periodic, after a reinstatement, for an operator)
-        do not: they come at the policy's pace, whatever it is. MqttError if it cannot go out
-        (the nonce is recorded all the same, and expires unanswered)."""
+    def challenge(self, device_id: str, *, asked_by_device: bool = False) -> bool:
+        """Send a challenge; False if the device's rate suppressed it. One the device asked for
+        (its `online` status) counts against its challenge rate; the verifier's own (periodic,
+        after a reinstatement, for an operator) do not: they come at the policy's pace,
+        whatever it is. MqttError if it cannot go out: while not connected, before anything is
+        spent; if the broker refuses it, the nonce stays recorded and expires unanswered."""
         ctx = self._ctx
+        if not ctx.mqtt.connected.is_set():  # no rate token, no nonce for what cannot go out
+            raise MqttError(f"not connected; cannot challenge {device_id}")
         if asked_by_device and not self.within_rate(device_id):
             ctx.count("challenges_suppressed")
             ctx.alerts.flooding(device_id, "challenges")
-            return
+            return False
         nonce = os.urandom(NONCE_SIZE)
         expires = ctx.clock() + ctx.policy.nonce_ttl_s
         ctx.store.issue_nonce(device_id, nonce, expires)
@@ -56,6 +60,7 @@ class ChallengeScheduler:
         topic = topics.device_topic(device_id, topics.CHALLENGE)
         ctx.mqtt.publish(topic, payload, wait=False)  # paho keeps it in flight
         ctx.count("challenges")
+        return True
 
     def due(self, now: float, interval: float) -> None:
         """Challenge the online devices last challenged an interval ago, a slice per tick: a
@@ -68,5 +73,6 @@ class ChallengeScheduler:
                 continue  # another verifier process challenges this one
             try:
                 self.challenge(device_id)
-            except MqttError as e:
+            except MqttError as e:  # due again at the next tick, not an interval away
+                ctx.store.unclaim_challenge(device_id, now)
                 log.warning("challenge_not_sent", device=device_id, reason=str(e))

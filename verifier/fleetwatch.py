@@ -181,8 +181,9 @@ class FleetWatch:
         if status.state == "revoked":
             self._revocation_confirmed(device_id, status.command, retained=retained)
         elif status.state == "online" and not status.report:
-            ctx.store.claim_challenge(device_id, ctx.clock(), 0.0)  # the next is an interval on
-            self._challenges.challenge(device_id, asked_by_device=True)
+            sent = self._challenges.challenge(device_id, asked_by_device=True)  # or MqttError
+            if sent:  # only then is the next periodic one an interval on
+                ctx.store.claim_challenge(device_id, ctx.clock(), 0.0)
 
     def _revocation_confirmed(self, device_id: str, nonce: bytes, *, retained: bool) -> None:
         """A device confirms a revoke: only one the verifier sent (its command's nonce), once."""

@@ -95,6 +95,11 @@ class StateStore(Protocol):
         periodic challenges instead of each sending its own)."""
         ...
 
+    def unclaim_challenge(self, device_id: str, claimed_at: float) -> None:
+        """Give back a claim made at `claimed_at` whose challenge could not be sent: the device
+        is due again at once (unless it was claimed again since)."""
+        ...
+
     def silent_devices(self, since: float) -> list[str]:
         """Devices heard from before, but not since `since`, whose latest result is not
         already `none`."""

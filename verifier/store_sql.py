@@ -368,6 +368,13 @@ class SqlStore:
             ).rowcount
         return bool(updated == 1)
 
+    def unclaim_challenge(self, device_id: str, claimed_at: float) -> None:
+        with self._transaction():
+            self._q(
+                "UPDATE devices SET challenged_at = 0 WHERE device_id = ? AND challenged_at = ?",
+                (device_id, claimed_at),
+            )
+
     def silent_devices(self, since: float) -> list[str]:
         rows = self._q(
             "SELECT d.device_id FROM devices d LEFT JOIN results r ON r.device_id = d.device_id "
