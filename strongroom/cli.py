@@ -105,45 +105,49 @@ def _role_of(argv: Sequence[str]) -> str | None:
     return None
 
 
-def _import(name: str) -> ModuleType | ModuleNotFoundError:
-    """The CLI module, or why this installation cannot import it (a package of an extra that is
-    not installed; a missing module of Strongroom's own is a defect and raised)."""
+def _import(name: str) -> ModuleType | ImportError:
+    """The CLI module, or why this installation cannot import it: a third-party package that is
+    missing (an extra not installed) or cannot give what we import from it (a release too old).
+    A failing import of Strongroom's own packages is a defect, and raised."""
     try:
         return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] in {
-            "strongroom",
-            "agent",
-            "provisioning",
-            "verifier",
-            "device_sim",
-        }:
+    except ImportError as e:
+        if not e.name or e.name.split(".")[0] in OWN_PACKAGES:
             raise
         return e
 
 
-def _unavailable(role: str, command: str, missing: ModuleNotFoundError) -> Handler:
+def _unavailable(role: str, command: str, missing: ImportError, *, device: bool) -> Handler:
     words = f"{role} {command}".strip()
+    if isinstance(missing, ModuleNotFoundError):
+        why = f"no module {missing.name!r}"
+    else:  # present, but not a release that has what we import from it
+        why = f"{missing.name!r} is not a release it can use"
+    install = (
+        "reinstall it with its dependencies: pip install --upgrade strongroom"
+        if device
+        else f"it runs on the fleet side: {FLEET_EXTRA}"
+    )
 
     def handler(_args: argparse.Namespace) -> int:
         raise EnvironmentFault(
-            f"`strongroom {words}` is not part of this installation (no module {missing.name!r})",
-            hint=f"it runs on the fleet side: {FLEET_EXTRA}",
+            f"`strongroom {words}` is not part of this installation ({why})", hint=install
         )
 
     return handler
 
 
 def _add_unavailable(parser: argparse.ArgumentParser, handler: Handler) -> None:
+    """Whatever follows the command (its options unknown here) goes to `handler`."""
     parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, unavailable=True)
 
 
 def _dev_keys(home: Path, enclave: Any, artifact: Path) -> Any:
     """`enclave run --dev-keys-from HOME`: the fleet's development key source, imported only when
     used (a device install has no fleet side)."""
     devkeys = _import("provisioning.devkeys")
-    if isinstance(devkeys, ModuleNotFoundError):
+    if isinstance(devkeys, ImportError):
         raise EnvironmentFault(
             f"--dev-keys-from reads a fleet home, and this installation has no module "
             f"{devkeys.name!r}",
@@ -169,7 +173,7 @@ def _fleet_checks(home: Path) -> Any:
     """`doctor --home HOME`: the fleet side's checks, imported only when asked for (a device
     install has no fleet side, and says so in one line)."""
     doctor = _import("provisioning.doctor")
-    if isinstance(doctor, ModuleNotFoundError):
+    if isinstance(doctor, ImportError):
         raise EnvironmentFault(
             f"`strongroom doctor --home` checks a fleet home, and this installation has no "
             f"module {doctor.name!r}",
@@ -218,11 +222,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                     roles.add_parser(r, help=top_level[r])
             continue
         module = _import(spec.module)
-        if isinstance(module, ModuleNotFoundError):
+        if isinstance(module, ImportError):
             for r, command in spec.commands:
                 sub = roles.add_parser(r, help=top_level[r]) if not command else None
                 sub = sub or groups[r].add_parser(command, help="(needs the fleet extra)")
-                _add_unavailable(sub, _unavailable(r, command, module))
+                _add_unavailable(sub, _unavailable(r, command, module, device=spec.device))
             continue
         if spec.module == "agent.cli":
             module.register(groups, _dev_keys)
@@ -254,11 +258,14 @@ def _log_level(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    logs.configure(_log_level(args), json=True if args.log_json else None)
-    handler: Handler = args.handler
     try:
+        # building the parser imports the role's modules: a defect there is an internal error
+        parser = build_parser(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not getattr(args, "unavailable", False):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        logs.configure(_log_level(args), json=True if args.log_json else None)
+        handler: Handler = args.handler
         return handler(args)
     except KeyboardInterrupt:
         print("strongroom: interrupted", file=sys.stderr)

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
+from strongroom.cli import OWN_PACKAGES
+
 PROJECT = Path(__file__).resolve().parents[1]
-PACKAGES = ("strongroom", "agent", "provisioning", "verifier", "device_sim")
+PACKAGES = tuple(sorted(OWN_PACKAGES))
 PROJECT_FILES = ("setup.cfg", "pyproject.toml", "README.md")
 CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/usr/bin/python3.11")
 # The base install alone runs every device command (agent run|invoke, enclave run, the platform

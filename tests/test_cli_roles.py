@@ -4,13 +4,16 @@ module this installation lacks answers with the extra to install."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from strongroom import cli
+from strongroom.errors import EnvironmentFault
 
 
 def _registered(module: str) -> set[tuple[str, str]]:
@@ -20,7 +23,7 @@ def _registered(module: str) -> set[tuple[str, str]]:
     before = {name: set(_commands(p)) for name, p in roles.choices.items()}
     spec = next(s for s in cli.COMMANDS if s.module == module)
     mod = cli._import(module)
-    assert not isinstance(mod, ModuleNotFoundError)
+    assert not isinstance(mod, ImportError)
     groups = {
         name: next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
         for name, p in roles.choices.items()
@@ -93,10 +96,57 @@ def test_dev_keys_without_the_fleet_side_is_one_line(
 ) -> None:
     missing = ModuleNotFoundError("No module named 'tomlkit'", name="tomlkit")
     monkeypatch.setattr(cli, "_import", lambda name: missing)
-    with pytest.raises(cli.EnvironmentFault, match="--dev-keys-from reads a fleet home"):
+    with pytest.raises(EnvironmentFault, match="--dev-keys-from reads a fleet home"):
         cli._dev_keys(tmp_path, None, tmp_path / "a.sra")
 
 
 def test_a_missing_module_of_strongroom_itself_is_a_defect_not_an_extra() -> None:
     with pytest.raises(ModuleNotFoundError):
         cli._import("verifier.no_such_module")
+
+
+def _failing_import(monkeypatch: pytest.MonkeyPatch, module: str, error: ImportError) -> None:
+    real = importlib.import_module
+
+    def import_module(name: str, package: str | None = None) -> ModuleType:
+        if name == module:
+            raise error
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", import_module)
+
+
+def test_a_dependency_too_old_for_a_fleet_command_says_what_to_install(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # what `from aiomqtt import Client` raises with a release that has no Client
+    too_old = ImportError("cannot import name 'Client' from 'aiomqtt'", name="aiomqtt")
+    _failing_import(monkeypatch, "verifier.cli", too_old)
+    code = cli.main(["verifier", "run", "--home", "h"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ENVIRONMENT
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "`strongroom verifier run` is not part of this installation" in err
+    assert "'aiomqtt' is not a release it can use" in err and "strongroom[fleet]" in err
+
+
+def test_a_dependency_too_old_for_a_device_command_says_to_reinstall(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    too_old = ImportError("cannot import name 'x509' from 'cryptography'", name="cryptography")
+    _failing_import(monkeypatch, "agent.cli", too_old)
+    code = cli.main(["agent", "invoke", "m:f", "1", "--bundle", "b"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_ENVIRONMENT and err.count("\n") == 1
+    assert "pip install --upgrade strongroom" in err and "fleet" not in err
+
+
+def test_a_failing_import_of_our_own_is_one_internal_error_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours = ImportError("cannot import name 'gone' from 'agent.daemon'", name="agent.daemon")
+    _failing_import(monkeypatch, "agent.cli", ours)
+    code = cli.main(["agent", "invoke", "m:f", "1", "--bundle", "b"])
+    err = capsys.readouterr().err
+    assert code == cli.EXIT_INTERNAL
+    assert err.count("\n") == 1 and "internal error (ImportError)" in err

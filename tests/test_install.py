@@ -30,6 +30,7 @@ import pytest
 from packaging.version import Version
 
 from provisioning.broker import scratch_state_dir
+from strongroom.cli import OWN_PACKAGES
 from tests.device_venv import (
     PROJECT,
     DeviceVenv,
@@ -45,7 +46,6 @@ from tests.fleet import Proc, free_port, require_mosquitto, wait_until
 
 pytestmark = pytest.mark.integration
 
-OWN = frozenset({"strongroom", "agent", "provisioning", "verifier", "device_sim"})
 # Imported by name, not installed: the enclave image's own measured policy module.
 NOT_DISTRIBUTIONS = frozenset({"enclave_policy"})
 # Imported only where an extra is needed, and only when used (the enclave's ONNX models).
@@ -122,7 +122,7 @@ def _third_party_imports(package: str) -> dict[str, set[str]]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in OWN | {"__future__"}:
+                if top not in sys.stdlib_module_names and top not in OWN_PACKAGES | {"__future__"}:
                     found.setdefault(top, set()).add(str(path.relative_to(PROJECT)))
     return found
 
