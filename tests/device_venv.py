@@ -34,7 +34,11 @@ CANDIDATES = ("/usr/bin/python3", "/usr/local/bin/python3", "/usr/bin/python3.11
 # The base install alone runs every device command (agent run|invoke, enclave run, the platform
 # and enclave processes): tests/test_install.py proves it with each base requirement at its floor.
 BASE_EXTRAS: tuple[str, ...] = ()
-PIP_TIMEOUT_S = 300
+PIP_TIMEOUT_S = 300  # one pip run on a cold cache
+# pytest's own timeout (120 s in pyproject.toml) covers a test's fixtures too: a test that builds
+# an install (a wheel, then virtual environments, one pip run each) needs this one instead.
+INSTALL_TIMEOUT_S = 3 * PIP_TIMEOUT_S + 300
+needs_install = pytest.mark.timeout(INSTALL_TIMEOUT_S)
 _FLOOR = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?\s*([^;]*)")
 
 
@@ -190,7 +194,8 @@ def build_device_venv(
 @pytest.fixture(scope="session")
 def device_venv() -> Iterator[DeviceVenv]:
     """A fresh virtual environment with Strongroom's base install (no extras, not editable,
-    the newest releases setup.cfg allows) that every user may run."""
+    the newest releases setup.cfg allows) that every user may run. Its users need
+    `needs_install` (pytest's timeout covers this fixture's pip run)."""
     python = find_base_python()
     if python is None:
         if os.geteuid() == 0:

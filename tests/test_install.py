@@ -32,6 +32,8 @@ from packaging.version import Version
 from provisioning.broker import scratch_state_dir
 from strongroom.cli import OWN_PACKAGES
 from tests.device_venv import (
+    INSTALL_TIMEOUT_S,
+    PIP_TIMEOUT_S,
     PROJECT,
     DeviceVenv,
     base_requirements,
@@ -40,11 +42,12 @@ from tests.device_venv import (
     extra_requirements,
     find_base_python,
     floors,
+    needs_install,
     requirement_name,
 )
 from tests.fleet import Proc, free_port, require_mosquitto, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, needs_install]
 
 # Imported by name, not installed: the enclave image's own measured policy module.
 NOT_DISTRIBUTIONS = frozenset({"enclave_policy"})
@@ -154,6 +157,21 @@ def test_every_third_party_import_is_a_declared_dependency(
     assert undeclared == {}, f"imported but not declared in setup.cfg ({extra or 'base'})"
 
 
+def test_the_install_checks_outlast_their_pip_runs(request: pytest.FixtureRequest) -> None:
+    """The module fixture runs pip for the wheel, then for two installs side by side: pytest's
+    timeout, which covers it, must outlast them (a cold pip cache took longer than 120 s)."""
+    marker = request.node.get_closest_marker("timeout")
+    assert marker is not None and marker.args[0] == INSTALL_TIMEOUT_S
+    assert INSTALL_TIMEOUT_S > 2 * PIP_TIMEOUT_S
+
+
+@pytest.mark.parametrize(("module", "extra"), sorted(LAZY_EXTRAS.items()))
+def test_a_lazily_imported_module_is_declared_by_its_extra(module: str, extra: str) -> None:
+    """The import check above skips these: their extra must declare them instead."""
+    distributions = metadata.packages_distributions().get(module, [module])
+    assert {requirement_name(d) for d in distributions} & _declared(extra), (module, extra)
+
+
 def test_every_base_requirement_declares_a_floor() -> None:
     assert len(floors()) == len(base_requirements())
 
@@ -203,8 +221,8 @@ def _children(pid: int) -> list[int]:
 
 
 def _interrupt_as_a_terminal_does(agent: Proc) -> None:
-    """Ctrl-C: SIGINT to the agent's whole process group (its platform and enclave in it, as an
-    agent without privilege separation starts them); every one stops, none with a traceback."""
+    """Ctrl-C: SIGINT to the agent's whole process group (its platform and enclave run in one of
+    their own); every one stops, none with a traceback."""
     platform = _children(agent.p.pid)
     assert platform, "the agent's platform process is not running"
     enclave = [pid for parent in platform for pid in _children(parent)]
