@@ -177,6 +177,47 @@ def test_a_failed_key_response_publish_is_not_held_against_the_device(rig: Rig) 
     assert _alerts(rig) == []
 
 
+def _releasable_key(rig: Rig, device_id: str) -> str:
+    from provisioning.keystore import KeyEntry, ReleasePolicy  # noqa: PLC0415
+
+    signer = rig.verifier.pipeline.verified(device_id, rig.evidence(device_id).payload)
+    release = ReleasePolicy((signer.enclave.mrsigner,))
+    rig.verifier.keystore.put(KeyEntry("k1", "model", 1, "model", "00" * 32, release), bytes(32))
+    return "k1"
+
+
+def test_a_released_key_whose_response_could_not_be_published_is_audited_as_such(
+    rig: Rig,
+) -> None:
+    """The audit says `key_released` when the key was wrapped for the enclave, and then that
+    its response never left: an auditor does not take it for a key the device holds."""
+    key_id = _releasable_key(rig, "cam-a")
+    nonce = _challenged(rig, "cam-a")
+    request = messages.KeyRequest(rig.evidence("cam-a", nonce).payload, (key_id,)).encode()
+    rig.mqtt.fail_on = topics.KEYS_RESPONSE
+    assert rig.verifier.commit(
+        [Inbound(topics.device_topic("cam-a", topics.KEYS_REQUEST), request, False)]
+    )
+    assert [e["detail"]["key_id"] for e in _audit_events(rig, "key_released")] == [key_id]
+    (entry,) = _audit_events(rig, "key_response_not_published")
+    assert entry["device"] == "cam-a" and entry["detail"]["key_ids"] == [key_id]
+    assert rig.verifier.counts["replies_not_published"] == 1
+
+
+def test_a_key_response_does_not_hold_the_loop_until_the_broker_acknowledges_it(
+    rig: Rig,
+) -> None:
+    """The driven loop does the network too: a wait for each PUBACK is a wait of every message
+    behind it (up to 10 s on a slow broker). paho keeps the response in flight instead."""
+    key_id = _releasable_key(rig, "cam-a")
+    nonce = _challenged(rig, "cam-a")
+    request = messages.KeyRequest(rig.evidence("cam-a", nonce).payload, (key_id,)).encode()
+    rig.verifier.handle_key_request("cam-a", request)
+    (response, _retain) = rig.mqtt.on(topics.KEYS_RESPONSE)[0]
+    assert [k.key_id for k in messages.KeyResponse.decode(response).keys] == [key_id]
+    assert rig.mqtt.waited.count(topics.device_topic("cam-a", topics.KEYS_RESPONSE)) == 0
+
+
 def test_a_challenge_that_cannot_be_sent_is_not_held_against_the_device(rig: Rig) -> None:
     rig.mqtt.fail_on = topics.CHALLENGE
     msg = _status("cam-a", messages.Status("online", 1.0))

@@ -34,6 +34,7 @@ class Recorder:
     subscribed: dict[str, bool] = field(default_factory=dict)  # topic: retain as published
     connected: threading.Event = field(default_factory=_connected)
     fail_on: str = ""  # publishing to a topic ending so raises MqttError (the broker refuses it)
+    waited: list[str] = field(default_factory=list)  # topics published with wait=True
 
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, wait: bool = True
@@ -43,6 +44,8 @@ class Recorder:
         if self.fail_on and topic.endswith(self.fail_on):
             raise MqttError(f"cannot publish to {topic}: the broker went away")
         self.published.append((topic, payload, retain))
+        if wait:
+            self.waited.append(topic)
 
     def subscribe(
         self, topic: str, qos: int = 1, *, retain_as_published: bool = False

@@ -8,9 +8,16 @@ the keystore only to be wrapped (HPKE) to the enclave key bound in that evidence
 device and this request, and wiped. Every release and refusal is audited.
 
 A response that cannot be published (MqttError, raised to the caller) is the transport's failure,
-not the device's: the request's freshness and the releases are committed and audited, so the
-request is acknowledged and not tried again (a redelivery is a duplicate and answers nothing);
-the device asks again with its next challenge.
+not the device's: the request's freshness and the releases are committed and audited (with a
+`key_response_not_published` entry after the `key_released` ones), so the request is
+acknowledged and not tried again (a redelivery is a duplicate and answers nothing); the device
+asks again with its next challenge.
+
+The response is published without waiting for the broker's acknowledgement: the verifier's loop
+also drives the network, so a wait (up to 10 s on a slow broker) would hold every message behind
+it. paho keeps the response in flight and sends it again after a reconnect; what it cannot take
+at once (not connected) raises. So `key_released` means wrapped to that enclave's key (useless
+to anyone else) and handed to the transport, not received.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import structlog
 from strongroom import keywrap, messages, topics
 from strongroom.errors import StrongroomError
 from strongroom.evidence import Evidence
+from strongroom.mqtt import MqttError
 from verifier.context import Context
 from verifier.fleetwatch import FleetWatch
 from verifier.pipeline import AppraisalPipeline
@@ -74,7 +82,20 @@ class KeyBroker:
             ctx.count("keys_released")
         ctx.count("keys_refused", len(refused))
         response = messages.KeyResponse(ev.nonce, tuple(released), tuple(refused))
-        ctx.mqtt.publish(topics.device_topic(device_id, topics.KEYS_RESPONSE), response.encode())
+        topic = topics.device_topic(device_id, topics.KEYS_RESPONSE)
+        try:  # paho keeps it in flight: no wait for the PUBACK holds the driven loop
+            ctx.mqtt.publish(topic, response.encode(), wait=False)
+        except MqttError as e:
+            if released:  # `key_released` above said the keys were wrapped, not delivered
+                key_ids = [k.key_id for k in released]
+                ctx.audit.append(
+                    "key_response_not_published",
+                    device_id,
+                    key_ids=key_ids,
+                    seq=ev.seq,
+                    reason=str(e)[:200],
+                )
+            raise
 
     def _refusal(self, key_id: str, ev: Evidence, status: str) -> str | None:
         if status != "affirming":
