@@ -362,6 +362,8 @@ def _doctor(args: argparse.Namespace) -> int:
         raise InputError("doctor needs --bundle DIR (a device) or --home HOME (the fleet)")
     if args.broker and args.bundle is None:
         raise InputError("--broker checks a device's connection: give its --bundle too")
+    if args.broker:
+        parse_broker_url(args.broker)  # a usage error before any check, whatever they find
     findings: list[Finding] = []
     if args.bundle is not None:
         findings += check_bundle(args.bundle, args.broker, mqtt_protocol(args.mqtt), args.state)

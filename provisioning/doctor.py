@@ -25,6 +25,7 @@ from agent.doctor import (
 )
 from provisioning import ca, crl
 from provisioning.broker import broker_user, default_state_dir
+from provisioning.crl import _REVOKED as REVOKED_STATUS  # verifier.operator.REVOKED
 from provisioning.home import FleetHome, open_home
 from provisioning.registry import Registry
 from strongroom.errors import StrongroomError
@@ -147,10 +148,12 @@ def _registry(home: FleetHome, now: dt.datetime) -> list[Finding]:
     found, unreadable, expiring = [], [], []
     for device_id in ids:
         try:
-            registry.get(device_id)
+            record = registry.get(device_id)
         except StrongroomError as e:
             unreadable.append(f"{device_id} ({e})")
             continue
+        if record.status == REVOKED_STATUS:
+            continue  # its certificate is on the CRL: nothing to renew
         issued = home.root / "ca" / "issued" / device_id
         try:
             certs = [ca.cert_info(p.read_bytes()) for p in sorted(issued.glob("*.pem"))]

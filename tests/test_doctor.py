@@ -19,6 +19,7 @@ from provisioning.home import FleetHome, init_home
 from strongroom import cli
 from strongroom.fsutil import PUBLIC_FILE, SECRET_FILE, write_atomic
 from tests.fleet import Broker
+from verifier.operator import REVOKED, set_status
 
 from .conftest import RunCli
 
@@ -210,3 +211,25 @@ def test_an_unreadable_state_directory_is_a_warning_not_no_agent(
     _code, found = _doctor(run_cli, "--bundle", bundle, "--state", tmp_path / "not-a-dir")
     assert found["agent.running"]["level"] == "warning", found["agent.running"]
     assert "cannot be read" in found["agent.running"]["what"]
+
+
+def test_a_bad_broker_url_is_a_usage_error_before_any_check(
+    run_cli: RunCli, tmp_path: Path
+) -> None:
+    code, out, err = run_cli(["doctor", "--bundle", tmp_path / "missing", "--broker", "nope"])
+    assert code == cli.EXIT_USAGE
+    assert out == "" and err.count("\n") == 1 and "invalid broker URL 'nope'" in err
+
+
+def test_a_revoked_device_is_not_told_to_re_enroll(
+    run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
+) -> None:
+    _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
+    soon = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.LEAF_DAYS - 10)
+    issued = ca.issue(fleet_home.ca_issued(), fleet_home.fleet_id, "cam-1", now=soon)
+    for old in (fleet_home.root / "ca/issued/cam-1").glob("*.pem"):
+        old.unlink()
+    (fleet_home.root / "ca/issued/cam-1/1.pem").write_bytes(issued.cert_pem)
+    set_status(fleet_home, "cam-1", REVOKED, reason="stolen", by="test")
+    _code, found = _doctor(run_cli, "--home", fleet_home.root)
+    assert found["devices.expiry"]["level"] == "ok", found["devices.expiry"]
