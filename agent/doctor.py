@@ -40,15 +40,6 @@ from strongroom.mqtt import (
 Level = Literal["ok", "warning", "error"]
 EXPIRY_WARNING_DAYS = 30
 SECRET_FILES = (bundle.TLS_KEY_FILE, bundle.ROOT_SECRET_FILE, bundle.ATTESTATION_KEY_FILE)
-REQUIRED_FILES = (
-    bundle.BUNDLE_FILE,
-    bundle.TLS_CA_FILE,
-    bundle.TLS_CERT_FILE,
-    bundle.TLS_KEY_FILE,
-    bundle.PROFILE_FILE,
-    bundle.ROOT_SECRET_FILE,
-    bundle.ATTESTATION_KEY_FILE,
-)
 
 
 @dataclass(frozen=True)
@@ -121,7 +112,7 @@ def mode_finding(check: str, path: Path) -> Finding:
 def _files(root: Path) -> list[Finding]:
     if not root.is_dir():
         return [error("bundle.files", f"{root} is not a directory", "pass the bundle directory")]
-    missing = [name for name in REQUIRED_FILES if not (root / name).is_file()]
+    missing = [name for name in bundle.BUNDLE_FILES if not (root / name).is_file()]
     if missing:
         return [
             error(
@@ -130,7 +121,7 @@ def _files(root: Path) -> list[Finding]:
                 "copy the whole bundle written by `strongroom device enroll` again",
             )
         ]
-    found = [ok("bundle.files", f"all {len(REQUIRED_FILES)} bundle files are present")]
+    found = [ok("bundle.files", f"all {len(bundle.BUNDLE_FILES)} bundle files are present")]
     if not (root / "enclave.img").is_file():
         found.append(
             warning(

@@ -26,23 +26,10 @@ from agent.doctor import (
 from provisioning import ca, crl
 from provisioning.broker import broker_user, default_state_dir
 from provisioning.crl import _REVOKED as REVOKED_STATUS  # verifier.operator.REVOKED
-from provisioning.home import FleetHome, open_home
+from provisioning.home import PRIVATE_FILES, FleetHome, open_home
 from provisioning.registry import Registry
 from strongroom.errors import StrongroomError
 
-SECRETS = (
-    "fleet.json",
-    "policy.toml",
-    "ca/ca.key",
-    "broker/server.key",
-    "verifier/client.key",
-    "verifier/result-signing.key",
-    "dashboard/client.key",
-    "dashboard/operator-token",
-    "signing/enclave.key",
-    "signing/artifact.key",
-    "keystore/kek",
-)
 RENEW_CA = "the fleet CA cannot be renewed in place: plan a new fleet home and re-enroll devices"
 
 
@@ -52,7 +39,7 @@ def _cert(path: Path) -> x509.Certificate:
 
 def _permissions(home: FleetHome) -> list[Finding]:
     found = []
-    for name in SECRETS:
+    for name in PRIVATE_FILES:
         path = home.root / name
         if not path.exists():
             found.append(

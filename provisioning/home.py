@@ -54,6 +54,20 @@ MAX_DASHBOARD_INSTANCES = 8  # extra read-only identities "_dashboard-1" .. "_da
 OPERATOR_TOKEN_FILE = "operator-token"  # noqa: S105 - a file name, not a secret
 BROKER_NAMES = ("localhost", "127.0.0.1", "::1")
 KEK_SIZE = 32
+# The home's secrets, written by init_home with mode 0600; no bundle ever carries one
+SECRET_FILES = (
+    "ca/ca.key",
+    "broker/server.key",
+    "verifier/client.key",
+    "verifier/result-signing.key",
+    "dashboard/client.key",
+    f"dashboard/{OPERATOR_TOKEN_FILE}",
+    "signing/enclave.key",
+    "signing/artifact.key",
+    "keystore/kek",
+)
+# Also mode 0600 without being secret: the marker (fleet id) and the policy
+PRIVATE_FILES = ("fleet.json", "policy.toml", *SECRET_FILES)
 OPERATOR_TOKEN_BYTES = 32
 
 

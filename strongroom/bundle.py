@@ -32,6 +32,16 @@ ATTESTATION_KEY_FILE = "platform/attestation.key"
 TLS_CA_FILE = "tls/ca.pem"
 TLS_CERT_FILE = "tls/client.pem"
 TLS_KEY_FILE = "tls/client.key"
+# Every file `strongroom device enroll` writes into a bundle, and nothing else
+BUNDLE_FILES = (
+    BUNDLE_FILE,
+    TLS_CA_FILE,
+    TLS_CERT_FILE,
+    TLS_KEY_FILE,
+    PROFILE_FILE,
+    ROOT_SECRET_FILE,
+    ATTESTATION_KEY_FILE,
+)
 ROOT_SECRET_SIZE = 32
 
 

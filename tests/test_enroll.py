@@ -18,7 +18,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from provisioning import ca, crl
 from provisioning.enroll import enroll_device
 from provisioning.errors import AlreadyEnrolledError
-from provisioning.home import FleetHome, init_home, open_home
+from provisioning.home import PRIVATE_FILES, SECRET_FILES, FleetHome, init_home, open_home
 from provisioning.keystore import Keystore
 from provisioning.registry import Registry
 from provisioning.seal import seal_artifact
@@ -27,26 +27,7 @@ from strongroom.errors import FormatError, InputError, SignatureError
 from strongroom.signing import SigningKey
 from verifier.operator import ACTIVE, REVOKED, set_status
 
-FLEET_SECRET_FILES = [
-    "ca/ca.key",
-    "broker/server.key",
-    "verifier/client.key",
-    "verifier/result-signing.key",
-    "dashboard/client.key",
-    "dashboard/operator-token",
-    "signing/enclave.key",
-    "signing/artifact.key",
-    "keystore/kek",
-]
-BUNDLE_FILES = {
-    bundle.BUNDLE_FILE,
-    bundle.TLS_CA_FILE,
-    bundle.TLS_CERT_FILE,
-    bundle.TLS_KEY_FILE,
-    bundle.PROFILE_FILE,
-    bundle.ROOT_SECRET_FILE,
-    bundle.ATTESTATION_KEY_FILE,
-}
+BUNDLE_FILES = set(bundle.BUNDLE_FILES)
 
 
 def mode(path: Path) -> int:
@@ -104,7 +85,7 @@ def test_fleet_home_secrets_are_readable_by_the_owner_only(
 ) -> None:
     home = init_home(tmp_path / "home")
 
-    for rel in [*FLEET_SECRET_FILES, "policy.toml", "fleet.json"]:
+    for rel in PRIVATE_FILES:
         assert mode(home.root / rel) == 0o600, rel
     for path in home.root.rglob("*"):
         if path.is_file():
@@ -247,7 +228,7 @@ def test_no_fleet_secret_reaches_the_bundle(fleet_home: FleetHome, tmp_path: Pat
     out = enroll(fleet_home, tmp_path, "dev-1")
 
     needles: dict[str, list[bytes]] = {"artifact data key": secret_forms(bytes(data_key))}
-    for rel in FLEET_SECRET_FILES:
+    for rel in SECRET_FILES:
         content = (fleet_home.root / rel).read_bytes()
         raw = rel in ("keystore/kek", "dashboard/operator-token")
         needles[rel] = secret_forms(content) if raw else private_key_needles(content)
