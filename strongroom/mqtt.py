@@ -157,12 +157,17 @@ def _tls_context(s: MqttSettings, *, tls12_only: bool = False) -> ssl.SSLContext
 # An MQTT 3.1.1 CONNECT with an empty client id and a clean session: sent in plaintext to a port
 # that dropped our TLS handshake, to learn whether it is a plaintext MQTT listener.
 _PLAIN_CONNECT = bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 10, 0, 0])
+# Each blocking step of a diagnostic probe (connect, handshake, answer) waits at most this long:
+# a driven client probes in its owner's only thread, and a broker that answers at all does so
+# well within it.
+PROBE_TIMEOUT_S = 1.5
+_DROPPED = (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)  # the plaintext probe's cue
 
 
 def _probe_plaintext(host: str, port: int) -> bool:
     """Whether `host:port` answers a plaintext MQTT CONNECT with a CONNACK."""
     try:
-        with socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S) as sock:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S) as sock:
             sock.sendall(_PLAIN_CONNECT)
             return sock.recv(1) == b"\x20"
     except OSError:
@@ -176,7 +181,7 @@ def _probe_alert(s: MqttSettings) -> str | None:
     try:
         context = _tls_context(s, tls12_only=True)
         with (
-            socket.create_connection((s.host, s.port), timeout=CONNECT_TIMEOUT_S) as raw,
+            socket.create_connection((s.host, s.port), timeout=PROBE_TIMEOUT_S) as raw,
             context.wrap_socket(raw, server_hostname=s.host),
         ):
             return ""
@@ -196,7 +201,7 @@ def _handshake_problem(
 ) -> ConnectionProblem:
     """The TCP connect or TLS handshake failed. A port that drops the handshake without a word
     may be a plaintext listener: asked in plaintext MQTT, it answers."""
-    if isinstance(error, (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
+    if isinstance(error, _DROPPED):
         if _probe_plaintext(s.host, s.port):
             return ConnectionProblem(
                 PLAINTEXT,
@@ -440,6 +445,9 @@ class MqttClient:
         self._short_lived = 0  # connections in a row that the broker closed before STABLE_S
         self._said_connected = False  # mqtt_connected logged since the last warning
         self.failed_attempts = 0  # connection attempts that failed since the last success
+        # The last failure that took a probe to classify, and its classification: the same raw
+        # failure again in this streak of failures is not probed again (see _probed).
+        self._probe_cache: tuple[tuple[str, ...], ConnectionProblem] | None = None
         try:
             self.identity: CertificateValidity | None = certificate_validity(
                 settings.cert.read_bytes()
@@ -626,7 +634,26 @@ class MqttClient:
     # -- why a connection failed ---------------------------------------------------------------
 
     def _handshake_failed(self, error: OSError) -> ConnectionProblem:
-        return _handshake_problem(error, self.settings, self.where, self.identity)
+        def classify() -> ConnectionProblem:
+            return _handshake_problem(error, self.settings, self.where, self.identity)
+
+        if isinstance(error, _DROPPED):  # only these take a probe
+            return self._probed(("handshake", type(error).__name__, str(error)), classify)
+        return classify()
+
+    def _probed(
+        self, raw: tuple[str, ...], classify: Callable[[], ConnectionProblem]
+    ) -> ConnectionProblem:
+        """`classify()`, which probes the broker, unless the raw failure is the one it last
+        classified in this streak of failures: a probe blocks (a driven client's owner too) for
+        up to seconds, and a retry that fails the same way learns nothing new from it. A
+        connection that succeeds ends the streak."""
+        cached = self._probe_cache
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        problem = classify()
+        self._probe_cache = (raw, problem)
+        return problem
 
     def _lost(self) -> ConnectionProblem:
         """Why this connection ended: a CONNACK refusal, the broker's DISCONNECT, or (when it
@@ -645,6 +672,10 @@ class MqttClient:
             return classify_disconnect(code, text, self.where, self._short_lived)
         if isinstance(read_error, ssl.SSLError) and "ALERT" in (read_error.reason or ""):
             return classify_error(read_error, self.where, self.identity)
+        raw = ("closed_before_connack", type(read_error).__name__, str(read_error or ""))
+        return self._probed(raw, self._closed_before_connack)
+
+    def _closed_before_connack(self) -> ConnectionProblem:
         alert = _probe_alert(self.settings)
         if alert == "":  # it accepts our certificate, yet closed before its CONNACK
             return ConnectionProblem(
@@ -685,7 +716,7 @@ class MqttClient:
         now = time.monotonic()
         if self._connected_at is None:
             self._connected_at = now
-            self._problem, self.failed_attempts = None, 0
+            self._problem, self.failed_attempts, self._probe_cache = None, 0, None
             if not self._said_connected:
                 self._said_connected = True
                 log.info(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -311,6 +313,102 @@ def test_a_silent_port_times_out_within_seconds(
     assert cause == problems.TIMEOUT
     assert time.monotonic() - started < problems.CONNECT_TIMEOUT_S + 3
     _assert_one_line(warnings, problems.TIMEOUT)
+
+
+class _Resetter(_Listener):
+    """A TCP listener that resets every connection at its first bytes (a TLS handshake, or a
+    plaintext probe), as some middleboxes and TLS-only proxies do."""
+
+    def __init__(self) -> None:
+        super().__init__(b"")
+
+    def _serve(self) -> None:
+        while self._open:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.recv(4096)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[float]:
+    """Count (and time) the calls of the adapter's probe `name`."""
+    import strongroom.mqtt  # noqa: PLC0415 - the module whose probe is counted
+
+    real, calls = getattr(strongroom.mqtt, name), []
+
+    def probe(*args: Any) -> Any:
+        started = time.monotonic()
+        try:
+            return real(*args)
+        finally:
+            calls.append(time.monotonic() - started)
+
+    monkeypatch.setattr(strongroom.mqtt, name, probe)
+    return calls
+
+
+def test_a_probe_is_not_repeated_while_the_failure_stays_the_same(
+    fleet: tuple[FleetHome, Broker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driven client probes in its owner's only thread: once per raw failure in a streak."""
+    home, _broker = fleet
+    calls = _counting(monkeypatch, "_probe_plaintext")
+    listener = _Resetter()
+    try:
+        settings = _settings(home.ca_cert, _device(home, tmp_path), listener.port)
+        cause, warnings = _diagnose(settings, attempts=4)
+    finally:
+        listener.close()
+    assert cause == problems.TLS_ERROR
+    _assert_one_line(warnings, problems.TLS_ERROR)
+    assert len(calls) == 1
+
+
+class _TlsCloser(_Listener):
+    """A TLS listener with the fleet's broker certificate that closes each connection once its
+    handshake is done, before any CONNACK, without an alert (as Mosquitto does under TLS 1.3
+    with a certificate it refuses)."""
+
+    def __init__(self, home: FleetHome) -> None:
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        broker = home.root / "broker"
+        self.context.load_cert_chain(broker / "server.pem", broker / "server.key")
+        super().__init__(b"")
+
+    def _serve(self) -> None:
+        while self._open:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn.settimeout(5)
+                self.context.wrap_socket(conn, server_side=True).close()
+            except OSError:
+                conn.close()
+
+
+def test_the_broker_alert_probe_is_not_repeated_on_every_retry(
+    fleet: tuple[FleetHome, Broker], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, _broker = fleet
+    calls = _counting(monkeypatch, "_probe_alert")
+    listener = _TlsCloser(home)
+    try:
+        settings = _settings(home.ca_cert, _device(home, tmp_path), listener.port)
+        cause, warnings = _diagnose(settings, attempts=4)
+    finally:
+        listener.close()
+    assert cause == problems.REFUSED_BY_BROKER
+    _assert_one_line(warnings, problems.REFUSED_BY_BROKER)
+    assert len(calls) == 1
 
 
 def test_a_new_cause_is_logged_again(fleet: tuple[FleetHome, Broker], tmp_path: Path) -> None:
