@@ -289,6 +289,26 @@ def test_a_result_that_could_not_be_published_goes_out_at_the_next_connect(rig: 
     assert rig.mqtt.results(rig.home) == [("cam-b", 2), ("cam-a", 1)]
 
 
+def test_revocations_stale_results_and_alerts_do_not_hold_the_loop_for_acknowledgements(
+    rig: Rig,
+) -> None:
+    """The driven loop does the network too: each wait for a PUBACK (up to 10 s on a slow
+    broker, per device when many go silent) held every message behind it. paho keeps them in
+    flight and sends them again after a reconnect."""
+    from verifier.operator import ACTIVE, REVOKED, set_status  # noqa: PLC0415
+
+    rig.verifier.reload()
+    rig.verifier.handle_batch([rig.evidence("cam-b")])
+    rig.verifier.mark_stale(rig.verifier.clock() + 1)  # cam-b: a stale result and an alert
+    set_status(rig.home, "cam-a", REVOKED, reason="lost", by="operator")
+    rig.verifier.reload()  # a revoke command and a critical alert
+    set_status(rig.home, "cam-a", ACTIVE, reason="found", by="operator")
+    rig.verifier.reload()  # the command cleared, a challenge
+    leaves = [t.split("/", 2)[-1] for t, _p, _r in rig.mqtt.published]
+    assert {"result", "alerts", "command", "challenge"} <= set(leaves)
+    assert rig.mqtt.waited == []
+
+
 class _FailingStore:
     """The real store, whose batch commits fail `failures` times first (a locked database)."""
 

@@ -108,6 +108,6 @@ class Alerts:
         ctx.count(f"alert_{severity}")
         try:
             payload = messages.Alert(severity, device_id, reason, ctx.clock()).encode()
-            ctx.mqtt.publish(topics.ALERTS, payload)
+            ctx.mqtt.publish(topics.ALERTS, payload, wait=False)  # paho keeps it in flight
         except MqttError as e:
             log.error("alert_not_published", reason=str(e))

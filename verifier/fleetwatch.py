@@ -148,7 +148,10 @@ class FleetWatch:
         try:
             topic = topics.device_topic(device_id, topics.COMMAND)
             signed = sign_command(command, ctx.result_key)
-            ctx.mqtt.publish(topic, signed, retain=True)  # retained: reaches it when back
+            # Retained: reaches it when back. Not waited for (the driven loop would stop up to
+            # 10 s on a slow broker): paho keeps it in flight and sends it again after a
+            # reconnect, and the device's status confirms it (`revocation_confirmed`).
+            ctx.mqtt.publish(topic, signed, retain=True, wait=False)
             self._commanded.add(device_id)
         except MqttError as e:  # sent again at the device's next contraindicated evidence
             log.error("revoke_not_published", device=device_id, reason=str(e))
@@ -160,7 +163,8 @@ class FleetWatch:
         self._commanded.discard(device_id)
         ctx.store.forget_command(device_id)
         try:
-            ctx.mqtt.publish(topics.device_topic(device_id, topics.COMMAND), b"", retain=True)
+            topic = topics.device_topic(device_id, topics.COMMAND)
+            ctx.mqtt.publish(topic, b"", retain=True, wait=False)  # paho keeps it in flight
             self._challenges.challenge(device_id)  # it must attest afresh before any key
         except MqttError as e:
             log.warning("reinstatement_not_announced", device=device_id, reason=str(e))
@@ -232,7 +236,7 @@ class FleetWatch:
             token = sign_result(result, ctx.result_key)
             try:
                 topic = topics.device_topic(device_id, topics.RESULT)
-                ctx.mqtt.publish(topic, token, retain=True)
+                ctx.mqtt.publish(topic, token, retain=True, wait=False)  # kept in flight
             except MqttError as e:  # not saved either: the next round tries again
                 log.warning("stale_result_not_published", device=device_id, reason=str(e))
                 continue
