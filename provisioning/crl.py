@@ -45,7 +45,7 @@ from strongroom.fsutil import PUBLIC_FILE, SECRET_FILE, make_private_dir, read_f
 log = structlog.get_logger()
 
 _FINAL = (ca.SUPERSEDED, ca.KEY_COMPROMISE)
-_REVOKED = "revoked"  # the registry status of a revoked device (verifier.operator.REVOKED)
+REVOKED_STATUS = "revoked"  # the registry status of a revoked device (verifier.operator.REVOKED)
 MAX_CRL_BYTES = 16 * 1024 * 1024
 LOCK_TIMEOUT_S = 10.0
 
@@ -106,7 +106,7 @@ def sync_device(home: FleetHome, device_id: str, now: dt.datetime | None = None)
                 wanted[serial] = reason
             elif fingerprint != current_fp:
                 wanted[serial] = ca.SUPERSEDED
-            elif record is not None and record.status == _REVOKED:
+            elif record is not None and record.status == REVOKED_STATUS:
                 wanted[serial] = ca.HOLD
         others = [e for e in crl.entries if e.serial not in ours]
         kept = [e for e in crl.entries if wanted.get(e.serial) == e.reason]  # with their dates

@@ -25,7 +25,7 @@ from agent.doctor import (
 )
 from provisioning import ca, crl
 from provisioning.broker import broker_user, default_state_dir
-from provisioning.crl import _REVOKED as REVOKED_STATUS  # verifier.operator.REVOKED
+from provisioning.crl import REVOKED_STATUS
 from provisioning.home import PRIVATE_FILES, FleetHome, open_home
 from provisioning.registry import Registry
 from strongroom.errors import StrongroomError

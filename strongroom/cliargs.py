@@ -42,14 +42,16 @@ def finite_float(text: str) -> float:
     return _float(text)
 
 
-def seconds(limit: float, *, zero: bool = False) -> Callable[[str], float]:
-    """Seconds above 0 (from 0 if `zero`) up to `limit`."""
+def seconds(limit: float, *, zero: bool = False, least: float = 0.0) -> Callable[[str], float]:
+    """Seconds above 0 (from 0 if `zero`; from `least` if given) up to `limit`."""
 
     def parse(text: str) -> float:
         value = _float(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least:g} seconds, not {text}")
         if value < 0 or (value == 0 and not zero):
-            least = "0 or more" if zero else "more than 0"
-            raise argparse.ArgumentTypeError(f"must be {least} seconds, not {text}")
+            least_text = "0 or more" if zero else "more than 0"
+            raise argparse.ArgumentTypeError(f"must be {least_text} seconds, not {text}")
         if value > limit:
             raise argparse.ArgumentTypeError(
                 f"must be at most {limit:g} seconds ({_days(limit)}), not {text}"
@@ -68,6 +70,9 @@ def _days(limit: float) -> str:
 interval_s = seconds(MAX_INTERVAL_S)  # between attestations, a simulation's length
 timeout_s = seconds(MAX_TIMEOUT_S)  # waiting for an answer
 settle_s = seconds(MAX_TIMEOUT_S, zero=True)
+# the verifier's periodic challenges: its housekeeping tick (0.2 s) is the finest it can keep, and
+# a tinier interval made the challenges due per tick overflow the store's LIMIT
+challenge_interval_s = seconds(MAX_INTERVAL_S, least=0.2)
 
 
 def int_range(lo: int, hi: int) -> Callable[[str], int]:

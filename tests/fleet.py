@@ -333,8 +333,8 @@ class Fleet:
         )
         if challenge_interval:
             argv += ["--challenge-interval", str(challenge_interval)]
-        self.verifier = Proc(argv, self.root / "verifier.log")
-        wait_until(lambda: "verifier_started" in self.verifier.log(), 20, "verifier start")
+        verifier = self.verifier = Proc(argv, self.root / "verifier.log")
+        wait_until(lambda: "verifier_started" in verifier.log(), 20, "verifier start")
 
     def set_policy(self, text_from: str, text_to: str) -> None:
         path = self.home.policy_path

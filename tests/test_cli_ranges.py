@@ -50,6 +50,8 @@ BAD = [
     (["sim", "run", *H, "--devices", "0"], "--devices"),
     (["sim", "run", *H, "--duration", "0"], "--duration"),
     (["sim", "run", *H, "--interval", "0"], "--interval"),
+    (["verifier", "run", *H, "--challenge-interval", "1e-300"], "--challenge-interval"),
+    (["verifier", "run", *H, "--challenge-interval", "0.1"], "--challenge-interval"),
     (["sim", "run", *H, "--grace", "-1"], "--grace"),
     (["sim", "run", *H, "--workers", "0"], "--workers"),
     ([*BUILD, "--product-id", "65536"], "--product-id"),

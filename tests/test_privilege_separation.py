@@ -42,13 +42,14 @@ from agent.privsep import (
     resolve_accounts,
 )
 from strongroom import bundle
-from tests.device_venv import DeviceVenv
+from tests.device_venv import DeviceVenv, needs_install
 from tests.enclave_env import DeviceEnv
 from tests.fleet import Fleet, Proc, cli, wait_until
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc"),
+    needs_install,  # the device venv's pip run is within this module's first test's time
 ]
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="the agent separates privileges only when it starts as root"

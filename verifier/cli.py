@@ -11,7 +11,7 @@ import structlog
 
 from provisioning.broker import DEFAULT_PORT, broker_user, find_mosquitto, write_broker_config
 from provisioning.home import MAX_VERIFIER_INSTANCES, FleetHome, open_home
-from strongroom.cliargs import int_range, interval_s, port
+from strongroom.cliargs import challenge_interval_s, int_range, port
 from strongroom.errors import IntegrityError
 from strongroom.mqtt import (
     MqttClient,
@@ -25,7 +25,7 @@ from verifier.audit import AuditLog, verify
 from verifier.operator import ACTIVE, REVOKED, audit_path, request_reattestation, set_status
 from verifier.service import Verifier, VerifierConfig, verifier_db_path
 from verifier.store import StateStore
-from verifier.store_postgres import PostgresStore, is_postgres_url
+from verifier.store_postgres import PostgresStore, is_postgres_url, postgres_location
 from verifier.store_sqlite import SqliteStore
 
 log = structlog.get_logger()
@@ -119,8 +119,7 @@ def _verifier_run(args: argparse.Namespace) -> int:
 def _store_name(args: argparse.Namespace, home: FleetHome) -> str:
     """Where the state store is, without a PostgreSQL URL's password."""
     if args.db and is_postgres_url(args.db):
-        scheme, _, rest = args.db.partition("://")
-        return f"{scheme}://{rest.rpartition('@')[2]} (schema {args.db_schema})"
+        return f"{postgres_location(args.db)} (schema {args.db_schema})"
     return str(Path(args.db) if args.db else verifier_db_path(home))
 
 
@@ -230,7 +229,7 @@ def register(groups: dict[str, Any]) -> None:
         "--instance",
         type=int_range(0, MAX_VERIFIER_INSTANCES),
         default=0,
-        help="1-8: this process's own MQTT identity, to run several verifiers",
+        help="this process's MQTT identity: 0 the default, 1-8 more, to run several verifiers",
     )
     p.add_argument("--shared", action="store_true", help="join the $share/verifiers group")
     p.add_argument(
@@ -238,5 +237,5 @@ def register(groups: dict[str, Any]) -> None:
     )
     p.add_argument("--metrics-bind", default="127.0.0.1", help="address for the metrics")
     add_mqtt_version(p)
-    p.add_argument("--challenge-interval", type=interval_s, help=argparse.SUPPRESS)
+    p.add_argument("--challenge-interval", type=challenge_interval_s, help=argparse.SUPPRESS)
     p.set_defaults(handler=_verifier_run, daemon=True)

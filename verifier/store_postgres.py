@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,6 +20,18 @@ _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 def is_postgres_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://"))
+
+
+def postgres_location(url: str) -> str:
+    """Where a PostgreSQL URL points (scheme, host, port, database), for logs: never its user,
+    password or query (`?password=` is as secret as the userinfo)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "", parts.port
+    except ValueError:
+        return "postgresql://(unparsable URL)"
+    where = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{where}{f':{port}' if port else ''}{parts.path}"
 
 
 class PostgresStore(SqlStore):
