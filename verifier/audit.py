@@ -27,7 +27,14 @@ from strongroom.signing import SigningKey, VerifyKey
 
 GENESIS = "0" * 64
 AUDIT_DOMAIN = b"strongroom/audit-entry/v1"
-EVENTS = ("key_released", "key_refused", "revoked", "reinstated", "revocation_confirmed")
+EVENTS = (
+    "key_released",
+    "key_response_not_published",  # after key_released: the response did not reach the broker
+    "key_refused",
+    "revoked",
+    "reinstated",
+    "revocation_confirmed",
+)
 
 
 @dataclass(frozen=True)
