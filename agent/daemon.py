@@ -4,17 +4,18 @@ paho adapter (`strongroom.mqtt`) and the enclave host.
 
 - starts the enclave (host, platform, enclave processes) and loads artifacts from sealed keys;
 - connects to the broker with the device's mTLS identity; its last will marks it offline;
-- feeds the protocol the connection's ups and downs, each message, and the time (every 0.2 s),
-  and carries out what it answers: publishes (waiting for the broker's acknowledgement),
-  evidence from the enclave, released keys loaded into the enclave, revocation;
+- feeds the protocol the connection's ups and downs, each message, and the time (every 0.2 s;
+  the clock is a constructor argument), and carries out what it answers: publishes (waiting
+  for the broker's acknowledgement), evidence from the enclave, released keys loaded into the
+  enclave, revocation;
 - keeps the outbox on disk (`agent.outbox.Outbox`), so no evidence is lost while the broker is
   away or across a restart;
 - serves the local API (Unix socket) for applications on the device;
 - on SIGTERM: marks itself offline, has the enclave wipe itself, and exits 0.
 
 A message that cannot be handled (malformed, forged, or met by a defect) is logged and the agent
-goes on; the enclave failing to make its periodic evidence stops the agent (its supervisor starts
-it again, and with it the enclave).
+goes on; the enclave failing to make evidence stops the agent, as the protocol decides (`Stop`:
+its supervisor starts it again, and with it the enclave).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,13 +37,21 @@ from agent.local_api import LocalApi
 from agent.outbox import Outbox
 from agent.protocol import (
     DEFAULT_INTERVAL_S,
+    Agenda,
     DeviceProtocol,
+    EvidenceMade,
+    Failed,
+    KeysLoaded,
     LoadKeys,
     MakeEvidence,
     Output,
     ProtocolConfig,
     Publish,
+    Published,
+    Result,
     Revoke,
+    Revoked,
+    Stop,
 )
 from strongroom import bundle
 from strongroom.errors import StrongroomError
@@ -66,9 +76,19 @@ class AgentConfig:
     separation_required: bool = True  # see HostConfig
 
 
+TICK_S = 0.2  # how long the loop waits for a message before it tells the protocol the time
+
+
 class AgentDaemon:
-    def __init__(self, config: AgentConfig, launcher: Launcher | None = None) -> None:
-        self.config = config
+    def __init__(
+        self,
+        config: AgentConfig,
+        launcher: Launcher | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`clock`: the time the protocol is told (epoch seconds; a test's own clock)."""
+        self.config, self.clock = config, clock
+        self._stopping = ""  # why the protocol stopped the agent
         self.host = EnclaveHost(
             HostConfig(
                 bundle=config.bundle,
@@ -155,23 +175,35 @@ class AgentDaemon:
     # -- driving the protocol ----------------------------------------------------------------
 
     def _drive(self, outputs: list[Output]) -> None:
-        """Carry out the protocol's outputs in order, each result's own outputs first. An
-        enclave error making evidence propagates (the caller decides)."""
-        todo = list(reversed(outputs))
-        while todo:
-            todo.extend(reversed(self._perform(todo.pop())))
+        """Carry out the protocol's outputs in its order (`Agenda`); on its `Stop`, the run
+        ends (`run` raises it once the agent has stopped)."""
+        agenda = Agenda(self.protocol, outputs)
+        while (out := agenda.next()) is not None:
+            if isinstance(out, Stop):
+                self._stopping = self._stopping or out.reason
+                break
+            agenda.report(out, self._perform(out), self.clock())
 
-    def _perform(self, out: Output) -> list[Output]:
-        p = self.protocol
+    def _publish(self, out: Publish) -> Result:
+        """Publish, waiting for the broker's acknowledgement. Any failure is reported as one
+        (else the outbox would wait for an answer that never comes)."""
+        try:
+            self.mqtt.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
+        except MqttError as e:
+            return Failed(str(e))
+        except Exception as e:  # a defect: said so, and the agent goes on
+            log.error("publish_failed", error=type(e).__name__, exc_info=e)
+            return Failed(f"{type(e).__name__}: {e}")
+        return Published()
+
+    def _perform(self, out: Output) -> Result:
         if isinstance(out, Publish):
-            try:
-                self.mqtt.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
-            except MqttError as e:
-                return p.publish_failed(out, str(e), time.time())
-            return p.published(out, time.time())
+            return self._publish(out)
         if isinstance(out, MakeEvidence):
-            token = self._evidence(out.nonce or os.urandom(32))
-            return p.evidence_made(out, token, time.time())
+            try:
+                return EvidenceMade(self._evidence(out.nonce or os.urandom(32)))
+            except StrongroomError as e:
+                return Failed(str(e))
         if isinstance(out, LoadKeys):
             refused: dict[str, str] = {}
             for key in out.keys:
@@ -182,33 +214,32 @@ class AgentDaemon:
                         )
                 except EnclaveError as e:
                     refused[key.key_id] = str(e)
-            return p.keys_loaded(out, refused, time.time())
+            return KeysLoaded(refused)
         if isinstance(out, Revoke):
             try:  # the enclave checks the command too, wipes itself; the host deletes the blobs
                 with self._enclave_lock:
-                    reason = self.host.revoke(out.command)
+                    return Revoked(self.host.revoke(out.command))
             except StrongroomError as e:
-                return p.revoke_failed(out, str(e), time.time())
-            return p.revoke_done(out, reason, time.time())
+                return Failed(str(e))
         raise AssertionError(f"unknown protocol output {out!r}")
 
     def flush(self) -> bool:
         """Send what waits in the outbox, in order; True when it is empty."""
-        self._drive(self.protocol.flush(time.time()))
+        self._drive(self.protocol.flush(self.clock()))
         return len(self.outbox) == 0
 
     def attest(self, nonce: bytes | None = None) -> None:
         """Queue evidence (for a challenge's nonce, or our own) and try to send it."""
-        self._drive(self.protocol.attest(time.time(), nonce))
+        self._drive(self.protocol.attest(self.clock(), nonce))
 
     def needed_keys(self) -> list[str]:
         """Keys to ask for: those of artifacts without a key and those whose lease is due."""
-        return self.protocol.needed_keys(time.time())
+        return self.protocol.needed_keys(self.clock())
 
     def handle(self, msg: Inbound) -> None:
         """One message: the protocol's answer carried out. Nothing it meets stops the agent."""
         try:
-            self._drive(self.protocol.received(msg.topic, msg.payload, time.time()))
+            self._drive(self.protocol.received(msg.topic, msg.payload, self.clock()))
         except StrongroomError as e:  # the enclave refused what the message asked of it
             log.warning("message_rejected", topic=msg.topic[:120], reason=str(e))
         except Exception as e:  # a defect met by this input: the agent goes on all the same
@@ -217,6 +248,9 @@ class AgentDaemon:
     # -- life cycle ----------------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        """Until `stop` is set (or the protocol stops the agent: then `EnclaveError` once it
+        has stopped): each turn, a message or 0.2 s, the connection's change, the message, the
+        time."""
         self.start_enclave()
         self.api = LocalApi(self.config.socket, self.invoke).start()
         for topic in self.protocol.subscriptions():
@@ -224,28 +258,34 @@ class AgentDaemon:
         self.mqtt.start()
         was_connected = False
         try:
-            while not stop.is_set():
+            while not stop.is_set() and not self._stopping:
+                msg = self.mqtt.receive(timeout=TICK_S)
                 connected = self.mqtt.connected.is_set()
                 if connected and not was_connected:
                     log.info("broker_connected", device=self.device_id)
-                    self._drive(self.protocol.connected(time.time()))
+                    self._drive(self.protocol.connected(self.clock()))
                 elif was_connected and not connected:
-                    self._drive(self.protocol.disconnected(time.time()))
+                    self._drive(self.protocol.disconnected(self.clock()))
                 was_connected = connected
-                msg = self.mqtt.receive(timeout=0.2)
                 if msg is not None:
                     self.handle(msg)
-                self._drive(self.protocol.tick(time.time()))
+                self._drive(self.protocol.tick(self.clock()))
         finally:
             self.shutdown()
+        if self._stopping:
+            raise EnclaveError(self._stopping)
 
     def shutdown(self) -> None:
         if self.mqtt.connected.is_set():
-            for out in self.protocol.goodbye(time.time()):
+            for out in self.protocol.goodbye(self.clock()):
                 try:
                     self.mqtt.publish(out.topic, out.payload, retain=out.retain, timeout=2)
-                except MqttError:
-                    log.info("offline_status_not_sent")
+                except Exception as e:  # stopping all the same
+                    log.info("offline_status_not_sent", error=type(e).__name__)
+        try:  # what waited for the outbox is queued there (on disk) for the next start
+            self._drive(self.protocol.disconnected(self.clock()))
+        except Exception as e:  # stopping all the same
+            log.error("stopping_failed", error=type(e).__name__, exc_info=e)
         self.mqtt.stop()
         if self.api is not None:
             self.api.stop()

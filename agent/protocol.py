@@ -29,17 +29,20 @@ What it covers (docs/protocol.md has the messages):
   announcement or key request, backing off while nothing comes (15 s, 30 s, ... 2 min), so a
   fleet whose verifier is slow to release keys does not bury it under more key requests;
 - the outbox: evidence is queued, sent one at a time in order, and removed only once the broker
-  acknowledged it (`published`); a failed send leaves it, and the rest, for later.
+  acknowledged it (`published`); a failed send leaves it, and the rest, for later: while
+  connected, tried again `OUTBOX_RETRY_S` after (and at the next connect);
+- the enclave failing to make evidence stops the device (`Stop`).
 
 The outbox's storage is the one seam that does I/O: an `OutboxStore` passed in (the agent's
 is on disk, `agent.outbox.Outbox`; the simulator's is in memory, `agent.pending.MemoryOutbox`).
 The protocol calls it synchronously; it holds no sockets and no secrets.
 
 Driver contract: perform the outputs of one call in order, one at a time, and feed each action's
-result back (`published`/`publish_failed`, `evidence_made`, `keys_loaded`, `revoke_done`/
-`revoke_failed`) before performing the next output; results may return outputs of their own,
-which come before the rest (depth first, as if the calls were nested). A message that is
-rejected (malformed, forged, foreign) is logged and answered with nothing; it never raises.
+result back (`report(output, result)`: `Published`, `EvidenceMade`, `KeysLoaded`, `Revoked` or
+`Failed`, any failure of a publish included) before performing the next output; results may
+return outputs of their own, which come before the rest (depth first, as if the calls were
+nested): `Agenda` keeps that order for every driver. On `Stop`, stop. A message that is rejected
+(malformed, forged, foreign) is logged and answered with nothing; it never raises.
 """
 
 from __future__ import annotations
@@ -122,12 +125,87 @@ class Revoke:
     nonce: bytes
 
 
-Output = Publish | MakeEvidence | LoadKeys | Revoke
+@dataclass(frozen=True)
+class Stop:
+    """Stop the device (the agent exits for its supervisor to start it, and its enclave, again):
+    the enclave could not make evidence, so the device cannot be attested. Drivers carry out
+    nothing after it; the goodbye and what stopping does are theirs as on any stop."""
+
+    reason: str
+
+
+Output = Publish | MakeEvidence | LoadKeys | Revoke | Stop
+
+
+# -- what the driver reports of an output it carried out -----------------------------------------
+
+
+@dataclass(frozen=True)
+class Published:
+    """A `Publish` was acknowledged by the broker."""
+
+
+@dataclass(frozen=True)
+class EvidenceMade:
+    token: bytes
+
+
+@dataclass(frozen=True)
+class KeysLoaded:
+    refused: Mapping[str, str]  # key id -> why the enclave refused it (the rest loaded)
+
+
+@dataclass(frozen=True)
+class Revoked:
+    reason: str  # the enclave's account of the command it obeyed
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The output could not be carried out (any output but `LoadKeys`, whose refusals are per
+    key)."""
+
+    reason: str
+
+
+Result = Published | EvidenceMade | KeysLoaded | Revoked | Failed
+
+
+def _due_at(last: float, every: float, now: float) -> float:
+    """When `every` seconds after `last` is; a clock set back (now before `last`) makes it now,
+    once: what is then done restarts the count from the new time, so nothing comes in a burst."""
+    return now if now < last else last + every
 
 
 def _due(last: float, every: float, now: float) -> bool:
-    """Whether `every` seconds have passed since `last` (a clock set back counts as due)."""
-    return now - last >= every or now < last
+    return now >= _due_at(last, every, now)
+
+
+class Agenda:
+    """The outputs a driver still has to carry out, in the contract's order: each result's own
+    outputs before the rest, as if the calls were nested. Both drivers loop over one:
+
+        agenda = Agenda(protocol, outputs)
+        while (out := agenda.next()) is not None:
+            agenda.report(out, perform(out), now())
+
+    After a `Stop` it has nothing more (and `stopped` says why)."""
+
+    def __init__(self, protocol: DeviceProtocol, outputs: list[Output]) -> None:
+        self.protocol, self.stopped = protocol, ""
+        self._todo = list(reversed(outputs))
+
+    def next(self) -> Output | None:
+        if not self._todo:
+            return None
+        out = self._todo.pop()
+        if isinstance(out, Stop):
+            self._todo.clear()
+            self.stopped = out.reason
+        return out
+
+    def report(self, done: Output, result: Result, now: float) -> None:
+        self._todo.extend(reversed(self.protocol.report(done, result, now)))
 
 
 class DeviceProtocol:
@@ -146,6 +224,7 @@ class DeviceProtocol:
         self._requested: dict[bytes, float] = {}  # outstanding key requests: nonce -> sent at
         self._last_command = b""
         self._in_flight: Pending | None = None  # the outbox entry being sent
+        self._outbox_failed_at = float("-inf")  # its last failed send (retried a while after)
         # what waits for the outbox's delivery: an announcement, a challenge's key request
         self._after_flush: list[tuple[str, bytes]] = []
 
@@ -167,12 +246,15 @@ class DeviceProtocol:
         return [*self.missing, *due]
 
     def next_tick_at(self, now: float) -> float:
-        """When `tick` next has something to do (for drivers that sleep until then)."""
-        at = self._last_attest + self.config.attest_interval_s
-        if self.connected_now and not self.revoked and self.needed_keys(now):
-            at = min(at, self._last_asked + self._key_retry_s())
-        if self.connected_now and self._in_flight is None and len(self.outbox):
-            at = min(at, now + OUTBOX_RETRY_S)
+        """When `tick` next has something to do, exactly (for drivers that sleep until then):
+        `tick(t)` returns nothing for any `t` before it, with no other event in between."""
+        at = _due_at(self._last_attest, self.config.attest_interval_s, now)
+        if self.connected_now and not self.revoked:
+            # keys are needed from now (one missing) or once the first lease is due
+            need_from = float("-inf") if self.missing else min(self.renew_at.values(), default=at)
+            at = min(at, max(need_from, _due_at(self._last_asked, self._key_retry_s(), now)))
+        if self._outbox_waits():
+            at = min(at, _due_at(self._outbox_failed_at, OUTBOX_RETRY_S, now))
         return at
 
     # -- events ----------------------------------------------------------------------------------
@@ -216,7 +298,8 @@ class DeviceProtocol:
             out += self._announce(now)  # still waiting for keys: ask for a new challenge
         if _due(self._last_attest, self.config.attest_interval_s, now):
             out += self.attest(now)
-        elif self.connected_now and self._in_flight is None and len(self.outbox):
+        elif self._outbox_waits() and _due(self._outbox_failed_at, OUTBOX_RETRY_S, now):
+            self._outbox_failed_at = now  # tried again now: the next try a retry later
             out += self.flush(now)
         return out
 
@@ -274,7 +357,7 @@ class DeviceProtocol:
 
     def publish_failed(self, failed: Publish, reason: str, now: float) -> list[Output]:
         if failed.entry is not None:
-            self._in_flight = None
+            self._in_flight, self._outbox_failed_at = None, now
             log.info("outbox_waits", pending=len(self.outbox), reason=reason)
             return self._flush_ended(now, delivered=False)
         if failed.leaf == topics.KEYS_REQUEST:
@@ -297,9 +380,11 @@ class DeviceProtocol:
         return self.flush(now)
 
     def evidence_failed(self, request: MakeEvidence, reason: str, now: float) -> list[Output]:
-        """The enclave could not make evidence (the driver decides whether that is fatal)."""
-        log.warning("evidence_not_made", reason=reason[:300], for_keys=bool(request.key_ids))
-        return []
+        """The enclave could not make evidence: the device stops (its enclave is started again
+        with it), whatever asked for the evidence; a device that cannot be attested serves
+        nothing and would only be found stale."""
+        log.error("evidence_not_made", reason=reason[:300], for_keys=bool(request.key_ids))
+        return [Stop(f"the enclave could not make evidence: {reason}"[:300])]
 
     def keys_loaded(
         self, request: LoadKeys, refused_by_enclave: Mapping[str, str], now: float
@@ -335,7 +420,34 @@ class DeviceProtocol:
     def revoke_failed(self, request: Revoke, reason: str, now: float) -> list[Output]:
         return self._command_ignored(reason, now)
 
+    def report(  # noqa: PLR0911 - one case per (output, result): the table itself
+        self, done: Output, result: Result, now: float
+    ) -> list[Output]:
+        """What became of an output the driver carried out: the one table from a result to the
+        event above, so no driver maps them differently. A result that does not fit its output
+        (a driver's defect) raises."""
+        match done, result:
+            case Publish(), Published():
+                return self.published(done, now)
+            case Publish(), Failed(reason):
+                return self.publish_failed(done, reason, now)
+            case MakeEvidence(), EvidenceMade(token):
+                return self.evidence_made(done, token, now)
+            case MakeEvidence(), Failed(reason):
+                return self.evidence_failed(done, reason, now)
+            case LoadKeys(), KeysLoaded(refused):
+                return self.keys_loaded(done, refused, now)
+            case Revoke(), Revoked(reason):
+                return self.revoke_done(done, reason, now)
+            case Revoke(), Failed(reason):
+                return self.revoke_failed(done, reason, now)
+        raise TypeError(f"{type(result).__name__} is no result of {type(done).__name__}")
+
     # -- inside ------------------------------------------------------------------------------
+
+    def _outbox_waits(self) -> bool:
+        """Connected, nothing in flight, and entries waiting (after a failed send)."""
+        return self.connected_now and self._in_flight is None and len(self.outbox) > 0
 
     def _key_retry_s(self) -> float:
         return self.config.key_retry.delay(self._key_retries)

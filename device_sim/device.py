@@ -31,13 +31,21 @@ from agent.pending import MemoryOutbox
 from agent.platform_service import SimulatedPlatform
 from agent.protocol import (
     DEFAULT_INTERVAL_S,
+    Agenda,
     DeviceProtocol,
+    EvidenceMade,
+    Failed,
+    KeysLoaded,
     LoadKeys,
     MakeEvidence,
     Output,
     ProtocolConfig,
     Publish,
+    Published,
+    Result,
     Revoke,
+    Revoked,
+    Stop,
 )
 from device_sim.attesters import Attester, InlineAttester, ProcessAttester
 from device_sim.connection import Connection
@@ -60,6 +68,25 @@ RECONNECT = Backoff(initial_s=0.5, factor=2.0, cap_s=4.0, jitter=0.5)
 PEEK_WAIT_S = 2.0  # how long a peek waits for the retained result after subscribing
 MAX_ERRORS = 20  # a report keeps the newest errors (a long outage makes many)
 LONGEST_WAIT_S = 3600.0  # a device with nothing to do wakes up this often all the same
+
+
+class DeviceStopped(Exception):
+    """The device protocol stopped the device (`agent.protocol.Stop`): it ends, as the agent
+    would exit."""
+
+
+class SimClock:
+    """A device's time and its wait for the next message (the seam a test replaces with a
+    clock of its own): epoch seconds, as the agent's."""
+
+    def now(self) -> float:
+        return time.time()
+
+    async def wait(self, message: asyncio.Future[Any], until: float) -> bool:
+        """Wait for `message` until the time `until`; whether it came."""
+        timeout = max(0.0, until - self.now())
+        done, _ = await asyncio.wait([message], timeout=timeout)
+        return bool(done)
 
 
 @dataclass
@@ -132,8 +159,11 @@ def evidence_seq(token: bytes) -> int:
 
 
 class VirtualDevice:
-    def __init__(self, kit: Kit, spec: DeviceSpec, stop: asyncio.Event) -> None:
+    def __init__(
+        self, kit: Kit, spec: DeviceSpec, stop: asyncio.Event, clock: SimClock | None = None
+    ) -> None:
         self.kit, self.spec, self.stop = kit, spec, stop
+        self.clock = clock or SimClock()
         self.id = spec.device_id
         self.bundle = kit.bundle(self.id)
         self.report = DeviceReport(self.id, spec.scenario, spec.enclave)
@@ -186,6 +216,8 @@ class VirtualDevice:
         self.protocol.enclave_started((), (self.key_id,))  # nothing sealed: a fresh state
         try:
             await self._behave()
+        except DeviceStopped as e:
+            self.report.error(f"stopped: {e}")
         finally:
             await self.attester.stop()
         return self.report
@@ -281,7 +313,8 @@ class VirtualDevice:
 
     async def _online_for(self, until: asyncio.Future[Any], attack: Any = None) -> None:
         """Connected until `until` completes: after a broker fault, and for as long as the
-        broker stays away, it reconnects with back-off (RECONNECT)."""
+        broker stays away, it reconnects with back-off (RECONNECT), telling the protocol the
+        time before each attempt."""
         attempt = 0
         while not until.done():
             try:
@@ -296,14 +329,25 @@ class VirtualDevice:
                 self.report.error(f"mqtt: {e}")
                 await asyncio.wait([until], timeout=RECONNECT.delay(attempt))
                 attempt += 1
+                await self._tick_while_away()
             except StrongroomError as e:
                 self.report.local_refusals.append((time.time(), str(e)[:200]))
                 await asyncio.wait([until])
+            except DeviceStopped:
+                until.cancel()
+                raise
         until.cancel()
+
+    async def _tick_while_away(self) -> None:
+        """Between connection attempts the protocol is told the time all the same, as the
+        agent's is while its broker is away: its own evidence waits in the outbox."""
+        now = self.clock.now()
+        if now >= self.protocol.next_tick_at(now):
+            await self._drive(self.protocol.tick(now))
 
     async def _disconnected(self) -> None:
         self.client = None
-        await self._drive(self.protocol.disconnected(time.time()))
+        await self._drive(self.protocol.disconnected(self.clock.now()))
 
     async def _session(
         self, client: aiomqtt.Client, until: asyncio.Future[Any], attack: Any
@@ -314,39 +358,46 @@ class VirtualDevice:
         tasks = [asyncio.ensure_future(self._run_protocol(client))]
         if attack is not None:
             tasks.append(asyncio.ensure_future(attack(self)))
+        stopped: DeviceStopped | None = None
         try:
             done, _ = await asyncio.wait([until, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                if task is not until and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
+                if task is not until and (error := task.exception()) is not None:
+                    if not isinstance(error, DeviceStopped):
+                        raise error
+                    stopped = error
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)  # their ends are retrieved
-        if self.spec.scenario == "offline" and not self.stop.is_set():
+        if stopped is None and self.spec.scenario == "offline" and not self.stop.is_set():
             return  # dropping off: no goodbye
-        for out in self.protocol.goodbye(time.time()):
-            with contextlib.suppress(aiomqtt.MqttError):
+        for out in self.protocol.goodbye(self.clock.now()):
+            try:
                 await client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
+            except Exception as e:  # going all the same
+                self.report.error(f"goodbye not sent: {type(e).__name__}: {e}")
+        if stopped is not None:
+            raise stopped
 
     # -- driving the device protocol -----------------------------------------------------------
 
     async def _run_protocol(self, client: aiomqtt.Client) -> None:
         """Feed the protocol the connection, each message and the time, one at a time, and
         carry out its answers (`_drive`). Ends with an MqttError when the connection does."""
-        await self._drive(self.protocol.connected(time.time()))
+        await self._drive(self.protocol.connected(self.clock.now()))
         incoming = client.messages
         next_msg: asyncio.Future[aiomqtt.Message] = asyncio.ensure_future(anext(incoming))
         try:
             while True:
-                now = time.time()
-                wait = min(LONGEST_WAIT_S, max(0.0, self.protocol.next_tick_at(now) - now))
-                done, _ = await asyncio.wait([next_msg], timeout=wait)
-                if done:  # never cancelled while waiting: no message is lost between turns
+                now = self.clock.now()
+                wake = min(now + LONGEST_WAIT_S, self.protocol.next_tick_at(now))
+                # never cancelled while waiting: no message is lost between turns
+                if await self.clock.wait(next_msg, wake):
                     msg = next_msg.result()
                     next_msg = asyncio.ensure_future(anext(incoming))
                     await self._on_message(str(msg.topic), msg.payload)
-                now = time.time()
+                now = self.clock.now()
                 if now >= self.protocol.next_tick_at(now):
                     await self._drive(self.protocol.tick(now))
         finally:
@@ -360,7 +411,7 @@ class VirtualDevice:
             except StrongroomError as e:
                 self.report.local_refusals.append((time.time(), str(e)[:200]))
             return
-        await self._drive(self.protocol.received(topic, payload, time.time()))
+        await self._drive(self.protocol.received(topic, payload, self.clock.now()))
 
     def _on_result(self, payload: bytes) -> None:
         """What the device observes of the fleet's judgement (not part of the protocol)."""
@@ -373,14 +424,15 @@ class VirtualDevice:
             self.affirmed.set()  # answering our own evidence (not a retained old result)
 
     async def _drive(self, outputs: list[Output]) -> None:
-        """Carry out the protocol's outputs in order, each result's own outputs first (as the
-        daemon does)."""
-        todo = list(reversed(outputs))
-        while todo:
-            todo.extend(reversed(await self._perform(todo.pop())))
+        """Carry out the protocol's outputs in its order (`Agenda`, as the daemon does); on its
+        `Stop`, the device stops (`DeviceStopped`)."""
+        agenda = Agenda(self.protocol, outputs)
+        while (out := agenda.next()) is not None:
+            if isinstance(out, Stop):
+                raise DeviceStopped(out.reason)
+            agenda.report(out, await self._perform(out), self.clock.now())
 
-    async def _perform(self, out: Output) -> list[Output]:
-        p = self.protocol
+    async def _perform(self, out: Output) -> Result:
         if isinstance(out, Publish):
             return await self._publish(out)
         if isinstance(out, MakeEvidence):
@@ -388,9 +440,9 @@ class VirtualDevice:
                 token = await self.attester.evidence(out.nonce)
             except StrongroomError as e:
                 self.report.local_refusals.append((time.time(), str(e)[:200]))
-                return p.evidence_failed(out, str(e), time.time())
+                return Failed(str(e))
             self.captured = self.captured or token
-            return p.evidence_made(out, token, time.time())
+            return EvidenceMade(token)
         if isinstance(out, LoadKeys):
             refused: dict[str, str] = {}
             for key in out.keys:
@@ -403,36 +455,39 @@ class VirtualDevice:
                     self.report.local_refusals.append((time.time(), f"artifact: {e}"[:200]))
                     refused[key.key_id] = str(e)
             self.report.keys_refused += [f"{k}: {why}"[:200] for k, why in out.refused]
-            return p.keys_loaded(out, refused, time.time())
+            return KeysLoaded(refused)
         if isinstance(out, Revoke):
             self.report.revoked_at = self.report.revoked_at or time.time()
             try:
-                reason = await self.attester.revoke(out.command)
+                return Revoked(await self.attester.revoke(out.command))
             except StrongroomError as e:
-                return p.revoke_failed(out, str(e), time.time())
-            return p.revoke_done(out, reason, time.time())
+                return Failed(str(e))
         raise AssertionError(f"unknown protocol output {out!r}")
 
-    async def _publish(self, out: Publish) -> list[Output]:
+    async def _publish(self, out: Publish) -> Result:
         """Publish; honest evidence (alone or in a key request) counts as sent once the broker
         has acknowledged it: what a broker going down took before its PUBACK the fleet never
-        had, and the outbox sends it again."""
+        had, and the outbox sends it again. Any failure is reported as one (else the outbox
+        would wait for an answer that never comes)."""
         if self.client is None:
-            return self.protocol.publish_failed(out, "not connected", time.time())
+            return Failed("not connected")
         seq = None
-        if out.leaf == topics.EVIDENCE:
-            seq = evidence_seq(out.payload)
-        elif out.leaf == topics.KEYS_REQUEST:
-            seq = evidence_seq(messages.KeyRequest.decode(out.payload).evidence)
-        if seq is not None:
-            self.report.sent[seq] = time.time()  # before: the answer may come first
         try:
+            if out.leaf == topics.EVIDENCE:
+                seq = evidence_seq(out.payload)
+            elif out.leaf == topics.KEYS_REQUEST:
+                seq = evidence_seq(messages.KeyRequest.decode(out.payload).evidence)
+            if seq is not None:
+                self.report.sent[seq] = time.time()  # before: the answer may come first
             await self.client.publish(out.topic, out.payload, qos=out.qos, retain=out.retain)
-        except aiomqtt.MqttError as e:
+        except Exception as e:
             if seq is not None:
                 self.report.sent.pop(seq, None)
-            return self.protocol.publish_failed(out, str(e), time.time())
-        return self.protocol.published(out, time.time())
+            if isinstance(e, aiomqtt.MqttError):
+                return Failed(str(e))
+            self.report.error(f"publish: {type(e).__name__}: {e}")  # a defect: said so
+            return Failed(f"{type(e).__name__}: {e}")
+        return Published()
 
 
 # -- attacks: run once connected, alongside the normal behaviour -------------------------------

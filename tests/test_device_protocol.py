@@ -7,29 +7,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import shutil
 import subprocess
 import sys
-import time
-from collections.abc import Iterator, Sequence
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiomqtt
+import cbor2
 import pytest
 import structlog
 from structlog.testing import capture_logs
 
 from agent.daemon import AgentConfig, AgentDaemon
+from agent.errors import EnclaveError
 from agent.pending import MemoryOutbox, Pending
 from agent.protocol import (
+    OUTBOX_RETRY_S,
+    Agenda,
     DeviceProtocol,
+    EvidenceMade,
+    Failed,
     LoadKeys,
     MakeEvidence,
     Output,
     ProtocolConfig,
     Publish,
+    Published,
     Revoke,
+    Stop,
 )
-from device_sim.device import DeviceSpec, VirtualDevice
+from device_sim.device import DeviceSpec, SimClock, VirtualDevice
 from device_sim.kit import Kit
 from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome
@@ -38,7 +49,7 @@ from strongroom import cose, messages, topics
 from strongroom.commands import Command, sign_command, verify_command
 from strongroom.evidence import SR_SEQ
 from strongroom.fsutil import read_file
-from strongroom.mqtt import Inbound
+from strongroom.mqtt import Inbound, MqttError
 from strongroom.retry import Backoff
 from strongroom.signing import SigningKey, VerifyKey
 
@@ -394,6 +405,68 @@ def test_a_revoked_device_does_not_ask_to_be_challenged() -> None:
     assert p.tick(T0 + 100) == []
 
 
+def test_a_failed_send_is_tried_again_only_a_retry_later_whoever_ticks() -> None:
+    p = make(())
+    online(p)
+    evidence = only(p.attest(T0), MakeEvidence)
+    send = only(p.evidence_made(evidence, b"token", T0), Publish)
+    assert p.publish_failed(send, "no acknowledgement", T0) == []
+    assert p.next_tick_at(T0) == T0 + OUTBOX_RETRY_S
+    assert p.tick(T0 + 0.2) == [] and p.tick(T0 + OUTBOX_RETRY_S - 0.01) == []
+    again = only(p.tick(T0 + OUTBOX_RETRY_S), Publish)
+    assert again.payload == b"token"
+    assert p.publish_failed(again, "still not", T0 + OUTBOX_RETRY_S) == []
+    assert p.tick(T0 + OUTBOX_RETRY_S + 0.2) == []  # the next a retry after this one
+
+
+def test_next_tick_at_is_exactly_when_tick_has_something_to_do() -> None:
+    p = make(interval=300, retry=15)
+    p.enclave_started((KEY,), ())  # unsealed: a lease renewed at once
+    online(p)
+    load = LoadKeys((messages.ReleasedKey(KEY, b"w", b"a", T0 + 9000, T0 + 100),))
+    p.keys_loaded(load, {}, T0)  # its renewal at T0 + 100 (fresh evidence asked: not followed)
+    for now in (T0 + 1, T0 + 50, T0 + 99.9):
+        at = p.next_tick_at(now)
+        assert p.tick(now) == [] and at > now
+    assert p.next_tick_at(T0 + 99.9) == T0 + 100  # the lease's renewal: ask to be challenged
+    assert status_of(only(p.tick(T0 + 100), Publish)).state == "online"
+
+
+def test_a_clock_set_back_brings_one_of_each_not_a_burst() -> None:
+    p = make(interval=300, retry=15)
+    p.enclave_started((), (KEY,))
+    online(p, T0)
+    back = T0 - 3600
+    assert p.next_tick_at(back) == back  # due now, not in an hour and a bit
+    out = p.tick(back)
+    assert [type(o) for o in out] == [Publish, MakeEvidence]  # `online` again, its evidence
+    p.published(out[0], back)
+    assert p.tick(back + 0.2) == [] and p.tick(back + 10) == []
+    assert p.next_tick_at(back + 10) == back + 30  # the retry after the first, backing off
+
+
+def test_the_enclave_failing_to_make_evidence_stops_the_device() -> None:
+    p = make(())
+    evidence = only(p.tick(T0), MakeEvidence)
+    with capture_logs() as logs:
+        stop = only(p.report(evidence, Failed("the platform refused to quote"), T0), Stop)
+    assert "could not make evidence: the platform refused to quote" in stop.reason
+    assert [e["event"] for e in logs] == ["evidence_not_made"]
+    # and the agenda both drivers follow has nothing after it
+    agenda = Agenda(p, [stop, MakeEvidence(None)])
+    assert agenda.next() == stop and agenda.next() is None and agenda.stopped == stop.reason
+
+
+def test_results_map_to_their_events_and_a_result_that_does_not_fit_raises() -> None:
+    p = make(())
+    online(p)
+    evidence = only(p.attest(T0), MakeEvidence)
+    send = only(p.report(evidence, EvidenceMade(b"token"), T0), Publish)
+    assert p.report(send, Published(), T0) == [] and p.sent == 1
+    with pytest.raises(TypeError, match="Published is no result of MakeEvidence"):
+        p.report(evidence, Published(), T0)
+
+
 # -- revocation ------------------------------------------------------------------------------
 
 
@@ -558,30 +631,131 @@ class Enclave:
 
 
 class DaemonHost:
+    """The enclave host as the daemon sees it: started, artifacts needing keys, stopped."""
+
     def __init__(self, enclave: Enclave, by_path: dict[Path, str]) -> None:
         self.enclave, self.by_path = enclave, by_path
+
+    def start(self, image: Path) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
 
     def evidence(self, nonce: bytes) -> bytes:
         return self.enclave.evidence(nonce)
 
     def load_artifact(self, path: Path, key: Any = None) -> None:
+        if key is None:
+            raise EnclaveError("no sealed key")  # a fresh state: it needs the fleet's
         self.enclave.load(self.by_path[path])
 
     def revoke(self, command: bytes) -> str:
         return self.enclave.revoke(command)
 
 
+# ("msg", topic, payload) | ("time", t) | ("fail_publish",) | ("drop",), then while away
+# ("time", t) only right before a ("refuse",), and ("back",)
+Step = tuple[Any, ...]
+
+
+class Script:
+    """One verifier exchange, shared by the fakes of both drivers' connections: the steps in
+    order, and what each fake published (topic, qos, retain, what it was)."""
+
+    def __init__(self, steps: list[Step], clock_at: float) -> None:
+        self.steps, self.at = list(steps), 0
+        self.t = clock_at
+        self.fail_next, self.away = False, False
+        self.published: list[tuple[str, int, bool, Any]] = []
+
+    def record(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A publish: recorded, or failed once after a `fail_publish` step."""
+        if self.fail_next:
+            self.fail_next = False
+            self.published.append((topic, qos, retain, "failed"))
+            raise ConnectionError("the broker did not acknowledge it (scripted)")
+        self.published.append((topic, qos, retain, _kind(topic, payload)))
+
+
+def _kind(t: str, payload: bytes) -> Any:
+    """What a publish was, the time stamps of statuses left out."""
+    leaf = topics.parse(t)[1]
+    if leaf == topics.STATUS:
+        s = messages.Status.decode(payload)
+        return (s.state, s.report, s.command)
+    if leaf == topics.KEYS_REQUEST:
+        r = messages.KeyRequest.decode(payload)
+        return ("request", cose_seq(r.evidence), r.key_ids)
+    return ("evidence", cose_seq(payload))
+
+
+def cose_seq(token: bytes) -> int:
+    return int(cbor2.loads(cose.parse(token, "evidence").payload)[SR_SEQ])
+
+
 class DaemonMqtt:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, bool]] = []
+    """The paho adapter's seam (`strongroom.mqtt.MqttClient`) as the daemon uses it, fed from
+    the script: each `receive` takes the next step (a message, the time passing, a publish
+    that will fail, the connection dropped and back), and the end of the script stops the
+    agent."""
+
+    def __init__(self, script: Script, stop: threading.Event) -> None:
+        self.script, self._stop_agent = script, stop
+        self.connected = threading.Event()
+        self._dropped = False
+
+    def subscribe(self, topic: str) -> None:
+        pass
+
+    def start(self) -> DaemonMqtt:
+        self.connected.set()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        pass
 
     def publish(self, topic: str, payload: bytes, **options: Any) -> None:
-        self.published.append((topic, payload, bool(options.get("retain"))))
+        if not self.connected.is_set():  # the adapter refuses; recorded, as no driver should
+            self.script.published.append((topic, 0, False, "while disconnected"))
+            raise MqttError("not connected")
+        try:
+            self.script.record(topic, payload, options.get("qos", 1), bool(options.get("retain")))
+        except ConnectionError as e:
+            raise MqttError(str(e)) from e
+
+    def receive(self, timeout: float) -> Inbound | None:
+        s = self.script
+        while s.at < len(s.steps):
+            step = s.steps[s.at]
+            s.at += 1
+            if step[0] == "msg":
+                return Inbound(step[1], step[2], False)
+            if step[0] == "time":
+                s.t = step[1]
+                return None
+            if step[0] == "fail_publish":
+                s.fail_next = True
+            elif step[0] == "drop":
+                self.connected.clear()
+                return None
+            elif step[0] == "back":
+                self.connected.set()
+                return None
+            # "refuse": a connection attempt the paho adapter makes and keeps to itself
+        self._stop_agent.set()
+        return None
 
 
 class SimAttester:
     def __init__(self, enclave: Enclave) -> None:
         self.enclave = enclave
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
 
     async def evidence(self, nonce: bytes | None = None) -> bytes:
         return self.enclave.evidence(nonce)
@@ -593,64 +767,211 @@ class SimAttester:
         return self.enclave.revoke(command)
 
 
+class ScriptClock(SimClock):
+    """The simulator's clock seam, on the script's time. The script moves on only once the
+    device's loop is waiting again having seen the time of the last step (a `settled` loop),
+    so both drivers see each step alone and in the same order."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self._gen, self._seen, self._waiting, self._spins = 0, -1, False, 0
+        self._watchers: list[asyncio.Future[None]] = []
+
+    def now(self) -> float:
+        return self.script.t
+
+    def _change(self) -> asyncio.Future[None]:
+        """A future resolved at the next change (registered at once: no change is missed)."""
+        future = asyncio.get_running_loop().create_future()
+        self._watchers.append(future)
+        return future
+
+    def _changed(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for future in watchers:
+            if not future.done():
+                future.set_result(None)
+
+    async def wait(self, message: asyncio.Future[Any], until: float) -> bool:
+        if until <= self.now() and not message.done():  # due already: the loop's tick is next
+            self._spins += 1
+            assert self._spins < 100, "the loop spins: what is due is never done (no tick?)"
+            await asyncio.sleep(0)  # a turn for the rest of the loop, as a real wait gives
+            return message.done()
+        self._spins = 0
+        try:
+            while not message.done() and self.now() < until:
+                changed = self._change()
+                self._waiting, self._seen = True, self._gen
+                self._changed_but(changed)
+                await asyncio.wait([message, changed], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._waiting = False
+        return message.done()
+
+    def _changed_but(self, mine: asyncio.Future[None]) -> None:
+        watchers, self._watchers = self._watchers, [mine]
+        for future in watchers:
+            if future is not mine and not future.done():
+                future.set_result(None)
+
+    async def settled(self) -> None:
+        while not (self._waiting and self._seen == self._gen):
+            await self._change()
+
+    async def advance(self, t: float) -> None:
+        await self.settled()
+        self.script.t, self._gen = t, self._gen + 1
+        self._changed()
+        await self.settled()
+
+
+class SimMessage:
+    def __init__(self, topic: str, payload: bytes) -> None:
+        self.topic, self.payload = topic, payload
+
+
 class SimClient:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes, bool]] = []
+    """aiomqtt's client as a virtual device uses it, fed from the script: its `messages` yield
+    the script's messages (the time passing through the clock), a `drop` ends this connection
+    as a broker fault does, and the end of the script stops the device."""
+
+    def __init__(self, script: Script, clock: ScriptClock, stop: asyncio.Event) -> None:
+        self.script, self.clock, self.stop = script, clock, stop
+
+    async def __aenter__(self) -> SimClient:
+        """Connecting: after a `drop`, the steps up to `back` are the time away (a `time`, told
+        the protocol before the next attempt) and the attempts refused (`refuse`)."""
+        s = self.script
+        while s.away and s.at < len(s.steps):
+            step = s.steps[s.at]
+            s.at += 1
+            if step[0] == "time":
+                s.t = step[1]
+            elif step[0] == "refuse":
+                raise aiomqtt.MqttError("Connection refused (scripted)")
+            elif step[0] == "back":
+                s.away = False
+            else:
+                raise AssertionError(f"{step[0]} while away")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pass
+
+    async def subscribe(self, topic: str, qos: int = 0) -> None:
+        pass
 
     async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> None:
-        self.published.append((topic, payload, retain))
+        try:
+            self.script.record(topic, payload, qos, retain)
+        except ConnectionError as e:
+            raise aiomqtt.MqttError(str(e)) from e
+
+    @property
+    def messages(self) -> AsyncIterator[SimMessage]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[SimMessage]:
+        s = self.script
+        while s.at < len(s.steps):
+            step = s.steps[s.at]
+            await self.clock.settled()
+            s.at += 1
+            if step[0] == "msg":
+                yield SimMessage(step[1], step[2])
+            elif step[0] == "time":
+                await self.clock.advance(step[1])
+            elif step[0] == "fail_publish":
+                s.fail_next = True
+            elif step[0] == "drop":
+                s.away = True
+                raise aiomqtt.MqttError("Disconnected during message iteration (scripted)")
+        await self.clock.settled()
+        self.stop.set()
+        await asyncio.Event().wait()  # until cancelled
 
 
-def _script(device: str, key_id: str, result_signer: SigningKey) -> list[tuple[str, bytes]]:
-    """A verifier's side of an exchange: a challenge, a revoke while its key request is out and
-    that request's late answer, a reinstatement's challenge and keys, a stale response, the
-    revoke's retained copy, a forged command, garbage, a second revoke and a challenge then."""
-    n1, n2, n3, n4 = b"1" * 32, b"2" * 32, b"3" * 32, b"4" * 32
-    keys = (
-        messages.ReleasedKey(key_id, b"w" * 40, b"aad", time.time() + 3600, time.time() + 3000),
-    )
-    command = sign_command(Command.revoke(device, "stolen", time.time()), result_signer)
-    again = sign_command(Command.revoke(device, "again", time.time()), result_signer)
-    forged = sign_command(Command.revoke(device, "forged", time.time()), SigningKey.generate())
+def _steps(device: str, key_id: str, result_signer: SigningKey, t0: float) -> list[Step]:
+    """A verifier's side of an exchange, with the connection's faults and the time passing: a
+    challenge, a revoke while its key request is out and that request's late answer, a
+    reinstatement, the keys' load, a publish that fails and its retry, the interval passing,
+    a drop and the reconnect, a stale response, the revoke's retained copy, a forged command,
+    garbage, a second revoke, the key retry's announcements, and the end."""
+    n = [bytes([48 + i]) * 32 for i in range(8)]
+    keys = (messages.ReleasedKey(key_id, b"w" * 40, b"aad", t0 + 3600, t0 + 3000),)
+    command = sign_command(Command.revoke(device, "stolen", t0), result_signer)
+    again = sign_command(Command.revoke(device, "again", t0), result_signer)
+    forged = sign_command(Command.revoke(device, "forged", t0), SigningKey.generate())
 
-    def t(leaf: str) -> str:
-        return topics.device_topic(device, leaf)
+    def msg(leaf: str, payload: bytes) -> Step:
+        return ("msg", topics.device_topic(device, leaf), payload)
+
+    def challenge(nonce: bytes) -> Step:
+        return msg(topics.CHALLENGE, messages.Challenge(nonce, t0 + 60).encode())
+
+    def response(nonce: bytes) -> Step:
+        return msg(topics.KEYS_RESPONSE, messages.KeyResponse(nonce, keys, ()).encode())
 
     return [
-        (t(topics.CHALLENGE), messages.Challenge(n1, time.time() + 60).encode()),
-        (t(topics.COMMAND), command),
-        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n1, keys, ()).encode()),  # pre-revoke
-        (t(topics.CHALLENGE), messages.Challenge(n2, time.time() + 60).encode()),
-        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n2, keys, ()).encode()),  # reinstated
-        (t(topics.CHALLENGE), messages.Challenge(n3, time.time() + 60).encode()),
-        (t(topics.KEYS_RESPONSE), messages.KeyResponse(n2, keys, ()).encode()),  # stale
-        (t(topics.COMMAND), command),  # the retained copy, after a reconnect say
-        (t(topics.COMMAND), forged),
-        (t(topics.CHALLENGE), b"\xff garbage"),
-        (t(topics.COMMAND), again),
-        (t(topics.CHALLENGE), messages.Challenge(n4, time.time() + 60).encode()),
+        challenge(n[1]),
+        ("time", t0 + 14),  # not yet the key retry's
+        ("time", t0 + 15),  # nothing came: `online` again
+        msg(topics.COMMAND, command),
+        response(n[1]),  # answers a request from before the revoke: ignored
+        ("time", t0 + 20),
+        challenge(n[2]),
+        ("fail_publish",),  # the fresh evidence after the keys load
+        response(n[2]),  # reinstated
+        ("time", t0 + 20.5),  # before the outbox's retry
+        ("time", t0 + 21.5),  # its retry
+        ("time", t0 + 55),  # the interval: its own evidence
+        challenge(n[3]),
+        ("drop",),
+        ("refuse",),
+        ("time", t0 + 90),  # the interval while away: its own evidence waits in the outbox
+        ("refuse",),
+        ("back",),  # the outbox first, then `online`
+        response(n[2]),  # stale
+        msg(topics.COMMAND, command),  # the retained copy, after the reconnect
+        msg(topics.COMMAND, forged),
+        msg(topics.CHALLENGE, b"\xff garbage"),
+        msg(topics.COMMAND, again),
+        ("time", t0 + 104),
+        ("time", t0 + 106),  # revoked: no key retry
+        challenge(n[4]),  # revoked: a key request all the same (the fleet may reinstate)
+        ("time", t0 + 200),  # the interval again
     ]
 
 
-def _normalised(published: list[tuple[str, bytes, bool]]) -> list[tuple[str, bool, Any]]:
-    """What was published, the time stamps of statuses left out."""
-    out: list[tuple[str, bool, Any]] = []
-    for t, payload, retain in published:
-        leaf = topics.parse(t)[1]
-        if leaf == topics.STATUS:
-            s = messages.Status.decode(payload)
-            out.append((t, retain, (s.state, s.report, s.command)))
-        elif leaf == topics.KEYS_REQUEST:
-            r = messages.KeyRequest.decode(payload)
-            out.append((t, retain, (r.evidence, r.key_ids)))
-        else:
-            out.append((t, retain, payload))
-    return out
+# what the protocol logs (the drivers log events of their own besides)
+PROTOCOL_EVENTS = {
+    "outbox_waits",
+    "reply_not_sent",
+    "status_not_published",
+    "keys_requested",
+    "key_response_ignored",
+    "key_refused",
+    "artifact_loaded_with_released_key",
+    "released_key_refused_by_enclave",
+    "revoked",
+    "command_ignored",
+    "message_rejected",
+    "message_failed",
+    "evidence_not_made",
+}
+
+
+def _publish_shape(published: list[tuple[str, int, bool, Any]]) -> list[tuple[str, Any]]:
+    return [(topics.parse(t)[1], kind) for t, _q, _r, kind in published]
 
 
 def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     tmp_path: Path, fleet_home: FleetHome
 ) -> None:
+    """Both real loops (the daemon's `run`, the device's `run` with its session, reconnects and
+    goodbye), each over an in-memory fake of its own connection seam and the script's clock,
+    fed the same exchange: the same publishes (topic, QoS, retain, what) and enclave calls."""
     kit = Kit(fleet_home, tmp_path / "sim")
     bundle = kit.bundle(DEVICE)
     bundle.parent.mkdir(parents=True)
@@ -661,8 +982,11 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     seal_artifact(fleet_home, source, kit.model, name="sim-model", version=2, kind="model")
     signer_pem = read_file(fleet_home.root / "verifier" / "result-signing.key", "result key")
     result_signer = SigningKey.from_pem(signer_pem)
+    nonces = {bytes([48 + i]) * 32 for i in range(8)}
+    interval = 30.0
 
-    # the daemon, over a recording stand-in for the paho adapter and the enclave host
+    # the daemon's run(), over a fake of the paho adapter and of the enclave host
+    short = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))  # a socket path's length limit
     config = AgentConfig(
         bundle=bundle,
         broker_host="127.0.0.1",
@@ -670,71 +994,77 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
         image=tmp_path / "enclave.img",
         artifacts=(kit.model,),
         state_dir=tmp_path / "state",
-        socket=tmp_path / "agent.sock",
+        socket=short / "agent.sock",
+        attest_interval_s=interval,
     )
-    daemon = AgentDaemon(config)
+    daemon_script = Script([], T0)
+    daemon = AgentDaemon(config, clock=lambda: daemon_script.t)
     (key_id,) = daemon.by_key
-    script = _script(DEVICE, key_id, result_signer)
-    nonces = {b"1" * 32, b"2" * 32, b"3" * 32, b"4" * 32}
+    steps = _steps(DEVICE, key_id, result_signer, T0)
+    daemon_script.steps = list(steps)
     daemon_enclave = Enclave(fleet_home.result_verify_key(), nonces)
     daemon.host = DaemonHost(daemon_enclave, {kit.model: key_id})  # type: ignore[assignment]
-    daemon_mqtt = DaemonMqtt()
-    daemon.mqtt = daemon_mqtt  # type: ignore[assignment]
-    daemon.protocol.enclave_started((), (key_id,))
-    daemon._drive(daemon.protocol.connected(time.time()))
-    for t, payload in script:
-        daemon.handle(Inbound(t, payload, False))
+    stop = threading.Event()
+    daemon.mqtt = DaemonMqtt(daemon_script, stop)  # type: ignore[assignment]
+    try:
+        with capture_logs() as logs:
+            daemon.run(stop)
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    daemon_events = [e["event"] for e in logs if e["event"] in PROTOCOL_EVENTS]
 
-    # a virtual device, over a recording stand-in for its aiomqtt connection and its enclave
-    spec = DeviceSpec(DEVICE, "healthy", "inline", "localhost", 1, 30.0, 5.0, DEVICE)
+    # a virtual device's run(), over a fake of its aiomqtt connection and of its attester
+    sim_script = Script(list(steps), T0)
+    spec = DeviceSpec(DEVICE, "healthy", "inline", "localhost", 1, 30.0, 5.0, DEVICE, interval)
+    sim_enclave = Enclave(fleet_home.result_verify_key(), nonces)
 
-    async def simulated() -> tuple[VirtualDevice, Enclave, SimClient]:
-        device = VirtualDevice(kit, spec, asyncio.Event())
-        enclave = Enclave(fleet_home.result_verify_key(), nonces)
-        client = SimClient()
-        device.attester, device.client = SimAttester(enclave), client  # type: ignore[assignment]
-        device.protocol.enclave_started((), (device.key_id,))
-        await device._drive(device.protocol.connected(time.time()))
-        for t, payload in script:
-            await device._on_message(t, payload)
-        return device, enclave, client
+    async def simulated() -> VirtualDevice:
+        stopped = asyncio.Event()
+        clock = ScriptClock(sim_script)
+        device = VirtualDevice(kit, spec, stopped, clock)
+        device.attester = SimAttester(sim_enclave)
+        device._client = lambda will=True: SimClient(sim_script, clock, stopped)  # type: ignore[assignment,method-assign,misc]
+        await asyncio.wait_for(device.run(), 60)
+        return device
 
-    device, sim_enclave, sim_client = asyncio.run(simulated())
+    with capture_logs() as logs:
+        device = asyncio.run(simulated())
+    sim_events = [e["event"] for e in logs if e["event"] in PROTOCOL_EVENTS]
 
-    assert type(device.protocol) is type(daemon.protocol) is DeviceProtocol
     assert device.key_id == key_id
-    published = _normalised(daemon_mqtt.published)
-    assert published == _normalised(sim_client.published)
+    published = daemon_script.published
+    assert published == sim_script.published
     assert daemon_enclave.calls == sim_enclave.calls
-    # and what that was, in short
-    leaves = [
-        (topics.parse(t)[1], what if topics.parse(t)[1] == "status" else None)
-        for t, _r, what in published
+    assert daemon_events == sim_events
+    assert daemon.sent == device.protocol.sent == 5
+    assert not daemon.protocol.connected_now and not device.protocol.connected_now
+    # and what that was
+    ask = ("request", (key_id,))
+    assert [
+        (
+            leaf,
+            what if isinstance(what, str) else (what[0], what[2 if leaf == "keys/request" else 1]),
+        )
+        for leaf, what in _publish_shape(daemon_script.published)
+    ] == [
+        ("status", ("online", "")),
+        ("keys/request", ask),  # the key missing
+        ("status", ("online", "")),  # the key retry: challenge me again
+        ("status", ("revoked", "stolen")),  # the late answer to the request before ignored
+        ("keys/request", ask),  # revoked: the key missing
+        ("evidence", "failed"),  # reinstated: evidence after loading it, not acknowledged
+        ("evidence", ("evidence", 3)),  # the outbox's retry
+        ("evidence", ("evidence", 4)),  # the interval
+        ("evidence", ("evidence", 5)),  # the third challenge
+        ("evidence", ("evidence", 6)),  # made while away, delivered before `online`
+        ("status", ("online", "")),  # back (the stale answer and the retained copy ignored)
+        ("status", ("online", "ignored a command: bad strongroom/command/v1 signature")),
+        ("status", ("revoked", "again")),
+        ("keys/request", ask),  # the fourth challenge: the key missing again
+        ("evidence", ("evidence", 8)),  # the interval
+        ("status", ("offline", "")),  # the goodbye
     ]
-    assert [leaf for leaf, _ in leaves] == [
-        "status",  # online
-        "keys/request",  # the key missing
-        "status",  # revoked (the late answer to the request before it ignored)
-        "keys/request",  # revoked: the key missing
-        "evidence",  # reinstated: after loading it
-        "evidence",  # the third challenge (the stale answer and the retained copy ignored)
-        "status",  # the forged command reported
-        "status",  # revoked again
-        "keys/request",  # the key missing again
-    ]
-    states = [what[0] for leaf, what in leaves if leaf == "status" and what is not None]
-    assert states == ["online", "revoked", "online", "revoked"]
-    assert [c for c, _ in daemon_enclave.calls] == [
-        "evidence",
-        "revoke",
-        "evidence",
-        "load",
-        "evidence",
-        "evidence",
-        "revoke",
-        "evidence",
-    ]
-    assert daemon.sent == device.protocol.sent == 2
+    assert all(q == 1 and r == (topics.parse(t)[1] == "status") for t, q, r, _ in published)
 
 
 # -- purity ------------------------------------------------------------------------------------
