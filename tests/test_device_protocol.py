@@ -58,7 +58,7 @@ KEY = "ab" * 16
 OTHER_KEY = "cd" * 16
 T0 = 1_800_000_000.0
 VERIFIER = SigningKey.generate()
-Out = TypeVar("Out", Publish, MakeEvidence, LoadKeys, Revoke)
+Out = TypeVar("Out", Publish, MakeEvidence, LoadKeys, Revoke, Stop)
 
 
 @pytest.fixture(autouse=True)
@@ -439,8 +439,9 @@ def test_a_clock_set_back_brings_one_of_each_not_a_burst() -> None:
     back = T0 - 3600
     assert p.next_tick_at(back) == back  # due now, not in an hour and a bit
     out = p.tick(back)
-    assert [type(o) for o in out] == [Publish, MakeEvidence]  # `online` again, its evidence
-    p.published(out[0], back)
+    announce, evidence = out  # `online` again, its evidence
+    assert isinstance(announce, Publish) and isinstance(evidence, MakeEvidence)
+    p.published(announce, back)
     assert p.tick(back + 0.2) == [] and p.tick(back + 10) == []
     assert p.next_tick_at(back + 10) == back + 30  # the retry after the first, backing off
 
