@@ -15,8 +15,9 @@ very socket open (paho forgets its socket before closing it) and, for the writer
 it (a writer added after paho unregistered it would never be removed: called on every turn);
 otherwise there is nothing to register. Nothing else of aiomqtt's behaviour changes. The names
 it relies on (aiomqtt's `_loop`, `_disconnected`, `_misc_loop`, `_misc_task`, paho's
-`_registered_write`) are aiomqtt 2's and paho 2's (setup.cfg pins `aiomqtt>=2.3,<3`,
-`paho-mqtt>=2.1,<3`); tests/test_simulator.py exercises both races.
+`_registered_write`) are aiomqtt 2's and paho 2's (setup.cfg pins aiomqtt to the minors
+verified, `>=2.3,<2.6`, and `paho-mqtt>=2.1,<3`); tests/test_simulator.py checks that the
+installed versions have them and exercises both races.
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ class Connection(aiomqtt.Client):
 
         def register() -> None:
             # paho may have closed the socket, or unregistered the writer, meanwhile
-            if _still_open(client, sock) and getattr(client, "_registered_write", True):
+            # paho's own flag, read directly: were it renamed, this fails loudly (a test checks
+            # paho has it) rather than quietly registering every writer
+            if _still_open(client, sock) and client._registered_write:
                 self._loop.add_writer(sock.fileno(), write)
 
         self._loop.call_soon_threadsafe(register)

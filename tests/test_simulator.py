@@ -116,6 +116,50 @@ async def _unregistered_before_deferred_registration(client_class: Any) -> bool:
     return left
 
 
+async def _a_client() -> aiomqtt.Client:
+    return aiomqtt.Client("localhost", 1)  # never connected
+
+
+def test_aiomqtt_and_paho_have_the_private_names_the_connection_relies_on() -> None:
+    for name in (
+        "_on_socket_open",
+        "_on_socket_close",
+        "_on_socket_register_write",
+        "_on_socket_unregister_write",
+        "_misc_loop",
+    ):
+        assert callable(getattr(aiomqtt.Client, name, None)), name
+    client = asyncio.run(_a_client())
+    for name in ("_loop", "_disconnected", "_misc_task"):
+        assert hasattr(client, name), name
+    paho = client._client  # a real paho Client, made by aiomqtt
+    assert type(paho).__module__ == "paho.mqtt.client"
+    assert paho._registered_write is False  # nothing to write before connecting
+
+
+async def _register_write_without_pahos_flag() -> list[dict[str, Any]]:
+    """A paho without `_registered_write` (renamed, say): the loop's callback failures."""
+    loop = asyncio.get_running_loop()
+    failures: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: failures.append(context))
+    client = Connection("localhost", 1)
+    ours, theirs = socket.socketpair()
+    paho = _Paho(ours)
+    del paho._registered_write
+    client._on_socket_register_write(paho, None, ours)
+    for _ in range(3):  # turns of the loop: the deferred registration runs in the next
+        await asyncio.sleep(0)
+    loop.remove_writer(ours.fileno())
+    ours.close()
+    theirs.close()
+    return failures
+
+
+def test_a_paho_without_the_flag_the_guard_reads_fails_loudly() -> None:
+    failures = asyncio.run(_register_write_without_pahos_flag())
+    assert any(isinstance(f.get("exception"), AttributeError) for f in failures), failures
+
+
 def test_a_writer_unregistered_before_its_deferred_registration_is_not_added() -> None:
     assert not asyncio.run(_unregistered_before_deferred_registration(Connection))
     assert asyncio.run(_unregistered_before_deferred_registration(aiomqtt.Client))
