@@ -8,6 +8,8 @@ paho adapter (`strongroom.mqtt`) and the enclave host.
   the clock is a constructor argument), and carries out what it answers: publishes (waiting
   for the broker's acknowledgement), evidence from the enclave, released keys loaded into the
   enclave, revocation;
+- keeps the nonce of the last command obeyed in STATE/last-command, so its retained copy is
+  not obeyed again after a restart;
 - keeps the outbox on disk (`agent.outbox.Outbox`), so no evidence is lost while the broker is
   away or across a restart;
 - serves the local API (Unix socket) for applications on the device;
@@ -55,6 +57,7 @@ from agent.protocol import (
 )
 from strongroom import bundle
 from strongroom.errors import StrongroomError
+from strongroom.fsutil import SECRET_FILE, write_atomic
 from strongroom.mqtt import Inbound, MqttClient, MqttError, MqttSettings, Will
 
 log = structlog.get_logger()
@@ -76,6 +79,7 @@ class AgentConfig:
     separation_required: bool = True  # see HostConfig
 
 
+LAST_COMMAND_FILE = "last-command"  # in the state directory: the last obeyed command's nonce
 TICK_S = 0.2  # how long the loop waits for a message before it tells the protocol the time
 
 
@@ -111,8 +115,31 @@ class AgentDaemon:
             ),
             self.outbox,
         )
+        self._command_file = config.state_dir / LAST_COMMAND_FILE
+        self.protocol.remember_command(self._read_last_command())
         self.mqtt = MqttClient(self._mqtt_settings())
         self.api: LocalApi | None = None
+
+    def _read_last_command(self) -> bytes:
+        try:
+            nonce = self._command_file.read_bytes()
+        except FileNotFoundError:
+            return b""
+        except OSError as e:
+            log.error("last_command_unreadable", path=str(self._command_file), error=str(e))
+            return b""
+        if not 16 <= len(nonce) <= 64:  # a command's nonce (docs/protocol.md)
+            log.error("last_command_unreadable", path=str(self._command_file), size=len(nonce))
+            return b""
+        return nonce
+
+    def _save_last_command(self, nonce: bytes) -> None:
+        """Kept before the result goes to the protocol: a restart then ignores the retained
+        copy of this command (atomic, 0600)."""
+        try:
+            write_atomic(self._command_file, nonce, SECRET_FILE)
+        except StrongroomError as e:  # obeyed all the same; a restart may obey it again
+            log.error("last_command_not_saved", error=str(e))
 
     def _mqtt_settings(self) -> MqttSettings:
         b, c = self.config.bundle, self.config
@@ -218,9 +245,11 @@ class AgentDaemon:
         if isinstance(out, Revoke):
             try:  # the enclave checks the command too, wipes itself; the host deletes the blobs
                 with self._enclave_lock:
-                    return Revoked(self.host.revoke(out.command))
+                    reason = self.host.revoke(out.command)
             except StrongroomError as e:
                 return Failed(str(e))
+            self._save_last_command(out.nonce)
+            return Revoked(reason)
         raise AssertionError(f"unknown protocol output {out!r}")
 
     def flush(self) -> bool:

@@ -21,7 +21,8 @@ What it covers (docs/protocol.md has the messages):
   the enclave and their renewal times are kept; once one loaded, fresh evidence says so, and a
   revoked device is revoked no more;
 - a revoke command counts only if signed with the verifier's result key and addressed to this
-  device; the retained copy of a command already obeyed is ignored; once the enclave obeyed,
+  device; the retained copy of a command already obeyed is ignored (its nonce kept across
+  restarts by the driver: `last_command`, `remember_command`); once the enclave obeyed,
   status `revoked` carries the command's nonce, and a command refused is reported in `online`;
 - evidence of its own every `attest_interval_s` (and at start, unless connected first: the
   challenge that answers `online` is the attestation then); while keys are missing (and the
@@ -258,6 +259,17 @@ class DeviceProtocol:
         return at
 
     # -- events ----------------------------------------------------------------------------------
+
+    @property
+    def last_command(self) -> bytes:
+        """The nonce of the last command obeyed (b"" for none): for the driver to keep across
+        restarts and hand back with `remember_command`."""
+        return self._last_command
+
+    def remember_command(self, nonce: bytes) -> None:
+        """At start: the command obeyed before a restart, so its retained copy is not obeyed
+        again (a device reinstated since would wipe itself at every start)."""
+        self._last_command = nonce
 
     def enclave_started(self, unsealed: Iterable[str], needing_keys: Iterable[str]) -> None:
         """The enclave is up: `unsealed` artifacts opened from their sealed keys (renewed at the

@@ -1068,6 +1068,38 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     assert all(q == 1 and r == (topics.parse(t)[1] == "status") for t, q, r, _ in published)
 
 
+def test_a_command_obeyed_before_a_restart_is_not_obeyed_again_after_it(
+    tmp_path: Path, fleet_home: FleetHome
+) -> None:
+    bundle = tmp_path / DEVICE
+    enroll_device(fleet_home, DEVICE, bundle)
+    config = AgentConfig(
+        bundle=bundle,
+        broker_host="127.0.0.1",
+        broker_port=1,
+        image=tmp_path / "enclave.img",
+        artifacts=(),
+        state_dir=tmp_path / "state",
+        socket=tmp_path / "agent.sock",
+    )
+    signer_pem = read_file(fleet_home.root / "verifier" / "result-signing.key", "result key")
+    command = sign_command(Command.revoke(DEVICE, "stolen", T0), SigningKey.from_pem(signer_pem))
+    retained = Inbound(topics.device_topic(DEVICE, topics.COMMAND), command, True)
+    calls = []
+    for _start in range(2):
+        daemon = AgentDaemon(config)
+        enclave = Enclave(fleet_home.result_verify_key(), set())
+        daemon.host = DaemonHost(enclave, {})  # type: ignore[assignment]
+        daemon.mqtt = DaemonMqtt(Script([], T0), threading.Event())  # type: ignore[assignment]
+        daemon.mqtt.connected.set()
+        daemon.handle(retained)
+        calls.append([c for c, _ in enclave.calls])
+    assert calls == [["revoke"], []]  # the second start ignores the retained copy
+    kept = tmp_path / "state" / "last-command"
+    assert kept.read_bytes() == verify_command(command, fleet_home.result_verify_key()).nonce
+    assert kept.stat().st_mode & 0o777 == 0o600
+
+
 # -- purity ------------------------------------------------------------------------------------
 
 
