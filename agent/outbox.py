@@ -11,6 +11,7 @@ When full, it drops the oldest message with a warning (evidence is periodic; the
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import cbor2
@@ -23,11 +24,14 @@ log = structlog.get_logger()
 
 
 class Outbox:
+    """The queue on disk, with an index of its entries in memory (read from the directory once,
+    at start), so a drain of n entries reads n files and lists the directory never."""
+
     def __init__(self, directory: Path, capacity: int = DEFAULT_CAPACITY) -> None:
         make_private_dir(directory)
         self._dir, self._capacity = directory, capacity
-        existing = self._files()
-        self._next = int(existing[-1].stem) + 1 if existing else 0
+        self._index: deque[Path] = deque(self._files())  # oldest first
+        self._next = int(self._index[-1].stem) + 1 if self._index else 0
 
     def _files(self) -> list[Path]:
         return sorted(
@@ -38,17 +42,17 @@ class Outbox:
         return self._dir / f"{entry:012d}.msg"
 
     def __len__(self) -> int:
-        return len(self._files())
+        return len(self._index)
 
     def put(self, topic: str, payload: bytes) -> None:
-        files = self._files()
-        while len(files) >= self._capacity:
-            oldest = files.pop(0)
+        while len(self._index) >= self._capacity:
+            oldest = self._index.popleft()
             oldest.unlink(missing_ok=True)
             log.warning("outbox_full_dropped_oldest", dropped=oldest.name)
         path = self._path(self._next)
         self._next += 1
         write_atomic(path, cbor2.dumps({"topic": topic, "payload": payload}), SECRET_FILE)
+        self._index.append(path)
 
     def _read(self, path: Path) -> Pending | None:
         try:
@@ -61,15 +65,28 @@ class Outbox:
 
     def pending(self) -> list[Pending]:
         """Every readable entry, oldest first (unreadable ones are dropped)."""
-        return [item for path in self._files() if (item := self._read(path)) is not None]
+        items = []
+        for path in list(self._index):
+            item = self._read(path)
+            if item is None:
+                self._index.remove(path)
+            else:
+                items.append(item)
+        return items
 
     def first(self) -> Pending | None:
         """The oldest readable entry (unreadable ones before it are dropped)."""
-        for path in self._files():
-            item = self._read(path)
+        while self._index:
+            item = self._read(self._index[0])
             if item is not None:
                 return item
+            self._index.popleft()
         return None
 
     def done(self, item: Pending) -> None:
-        self._path(item.entry).unlink(missing_ok=True)
+        path = self._path(item.entry)
+        if self._index and self._index[0] == path:
+            self._index.popleft()
+        elif path in self._index:  # out of order (harmless)
+            self._index.remove(path)
+        path.unlink(missing_ok=True)

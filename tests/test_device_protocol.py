@@ -24,6 +24,7 @@ from structlog.testing import capture_logs
 
 from agent.daemon import AgentConfig, AgentDaemon
 from agent.errors import EnclaveError
+from agent.outbox import Outbox
 from agent.pending import MemoryOutbox, Pending
 from agent.protocol import (
     OUTBOX_RETRY_S,
@@ -1098,6 +1099,31 @@ def test_a_command_obeyed_before_a_restart_is_not_obeyed_again_after_it(
     kept = tmp_path / "state" / "last-command"
     assert kept.read_bytes() == verify_command(command, fleet_home.result_verify_key()).nonce
     assert kept.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_agents_outbox_drains_without_listing_its_directory_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = Outbox(tmp_path / "outbox")
+    for i in range(5):
+        before.put(topic(topics.EVIDENCE), b"e%d" % i)
+    outbox = Outbox(tmp_path / "outbox")  # a restart: the index read from the directory once
+    assert len(outbox) == 5
+
+    def listed(*args: object) -> None:
+        raise AssertionError("the outbox listed its directory")
+
+    monkeypatch.setattr(Path, "glob", listed)
+    p = DeviceProtocol(make().config, outbox)
+    out = p.connected(T0)
+    drained = []
+    while out and isinstance(out[0], Publish) and out[0].leaf == topics.EVIDENCE:
+        drained.append(out[0].payload)
+        out = p.published(out[0], T0)
+    assert drained == [b"e%d" % i for i in range(5)] and len(outbox) == 0
+    assert list((tmp_path / "outbox").iterdir()) == []
+    outbox.put(topic(topics.EVIDENCE), b"e5")  # numbered after the last, never reused
+    assert [i.entry for i in outbox.pending()] == [5]
 
 
 # -- purity ------------------------------------------------------------------------------------
