@@ -12,7 +12,8 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -968,12 +969,29 @@ def _publish_shape(published: list[tuple[str, int, bool, Any]]) -> list[tuple[st
     return [(topics.parse(t)[1], kind) for t, _q, _r, kind in published]
 
 
-def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
-    tmp_path: Path, fleet_home: FleetHome
-) -> None:
-    """Both real loops (the daemon's `run`, the device's `run` with its session, reconnects and
-    goodbye), each over an in-memory fake of its own connection seam and the script's clock,
-    fed the same exchange: the same publishes (topic, QoS, retain, what) and enclave calls."""
+@dataclass
+class BothRuns:
+    key_id: str
+    daemon: AgentDaemon
+    device: VirtualDevice
+    daemon_script: Script
+    sim_script: Script
+    daemon_enclave: Enclave
+    sim_enclave: Enclave
+    daemon_events: list[str]
+    sim_events: list[str]
+    daemon_error: Exception | None
+
+
+def _run_both(
+    tmp_path: Path,
+    fleet_home: FleetHome,
+    steps_of: Callable[[str, SigningKey], list[Step]],
+    enclave_class: type[Enclave] = Enclave,
+) -> BothRuns:
+    """The daemon's `run()` over fakes of the paho adapter and the enclave host, and a virtual
+    device's `run()` over fakes of its aiomqtt connection and its attester, each on the
+    script's clock, fed the same steps."""
     kit = Kit(fleet_home, tmp_path / "sim")
     bundle = kit.bundle(DEVICE)
     bundle.parent.mkdir(parents=True)
@@ -987,7 +1005,6 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     nonces = {bytes([48 + i]) * 32 for i in range(8)}
     interval = 30.0
 
-    # the daemon's run(), over a fake of the paho adapter and of the enclave host
     short = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))  # a socket path's length limit
     config = AgentConfig(
         bundle=bundle,
@@ -1002,38 +1019,69 @@ def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
     daemon_script = Script([], T0)
     daemon = AgentDaemon(config, clock=lambda: daemon_script.t)
     (key_id,) = daemon.by_key
-    steps = _steps(DEVICE, key_id, result_signer, T0)
+    steps = steps_of(key_id, result_signer)
     daemon_script.steps = list(steps)
-    daemon_enclave = Enclave(fleet_home.result_verify_key(), nonces)
+    daemon_enclave = enclave_class(fleet_home.result_verify_key(), nonces)
     daemon.host = DaemonHost(daemon_enclave, {kit.model: key_id})  # type: ignore[assignment]
     stop = threading.Event()
     daemon.mqtt = DaemonMqtt(daemon_script, stop)  # type: ignore[assignment]
+    daemon_error: Exception | None = None
     try:
         with capture_logs() as logs:
             daemon.run(stop)
+    except EnclaveError as e:
+        daemon_error = e
     finally:
         shutil.rmtree(short, ignore_errors=True)
     daemon_events = [e["event"] for e in logs if e["event"] in PROTOCOL_EVENTS]
 
-    # a virtual device's run(), over a fake of its aiomqtt connection and of its attester
     sim_script = Script(list(steps), T0)
     spec = DeviceSpec(DEVICE, "healthy", "inline", "localhost", 1, 30.0, 5.0, DEVICE, interval)
-    sim_enclave = Enclave(fleet_home.result_verify_key(), nonces)
+    sim_enclave = enclave_class(fleet_home.result_verify_key(), nonces)
 
     async def simulated() -> VirtualDevice:
         stopped = asyncio.Event()
         clock = ScriptClock(sim_script)
         device = VirtualDevice(kit, spec, stopped, clock)
         device.attester = SimAttester(sim_enclave)
-        device._client = lambda will=True: SimClient(sim_script, clock, stopped)  # type: ignore[assignment,method-assign,misc]
+
+        def connect(will: bool = True) -> SimClient:
+            return SimClient(sim_script, clock, stopped)
+
+        device._client = connect  # type: ignore[assignment,method-assign]
         await asyncio.wait_for(device.run(), 60)
         return device
 
     with capture_logs() as logs:
         device = asyncio.run(simulated())
     sim_events = [e["event"] for e in logs if e["event"] in PROTOCOL_EVENTS]
-
     assert device.key_id == key_id
+    return BothRuns(
+        key_id,
+        daemon,
+        device,
+        daemon_script,
+        sim_script,
+        daemon_enclave,
+        sim_enclave,
+        daemon_events,
+        sim_events,
+        daemon_error,
+    )
+
+
+def test_the_daemon_and_the_simulators_devices_run_the_same_protocol(
+    tmp_path: Path, fleet_home: FleetHome
+) -> None:
+    """Both real loops (the daemon's `run`, the device's `run` with its session, reconnects and
+    goodbye), each over an in-memory fake of its own connection seam and the script's clock,
+    fed the same exchange: the same publishes (topic, QoS, retain, what) and enclave calls."""
+    runs = _run_both(tmp_path, fleet_home, lambda k, signer: _steps(DEVICE, k, signer, T0))
+    key_id, daemon, device = runs.key_id, runs.daemon, runs.device
+    daemon_script, sim_script = runs.daemon_script, runs.sim_script
+    daemon_enclave, sim_enclave = runs.daemon_enclave, runs.sim_enclave
+    daemon_events, sim_events = runs.daemon_events, runs.sim_events
+    assert runs.daemon_error is None
     published = daemon_script.published
     assert published == sim_script.published
     assert daemon_enclave.calls == sim_enclave.calls
@@ -1153,3 +1201,36 @@ def test_the_protocol_and_its_outbox_types_import_no_io() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+class BrokenEnclave(Enclave):
+    """An enclave that cannot make evidence (its platform refuses to quote, say)."""
+
+    def evidence(self, nonce: bytes | None) -> bytes:
+        self.calls.append(("evidence", nonce if nonce in self.known else "own"))
+        raise EnclaveError("the platform refused to quote")
+
+
+def test_both_drivers_stop_when_the_enclave_cannot_make_evidence(
+    tmp_path: Path, fleet_home: FleetHome
+) -> None:
+    def steps(key_id: str, signer: SigningKey) -> list[Step]:
+        challenge = messages.Challenge(b"1" * 32, T0 + 60).encode()
+        later = messages.Challenge(b"2" * 32, T0 + 60).encode()
+        return [
+            ("msg", topic(topics.CHALLENGE), challenge),
+            ("msg", topic(topics.CHALLENGE), later),  # never read: stopped
+            ("time", T0 + 1000),
+        ]
+
+    runs = _run_both(tmp_path, fleet_home, steps, BrokenEnclave)
+    assert isinstance(runs.daemon_error, EnclaveError)
+    assert "could not make evidence" in str(runs.daemon_error)
+    assert any(e.startswith("stopped: ") for e in runs.device.report.errors)
+    assert runs.daemon_script.published == runs.sim_script.published
+    assert _publish_shape(runs.daemon_script.published) == [
+        ("status", ("online", "", b"")),
+        ("status", ("offline", "", b"")),  # the goodbye
+    ]
+    assert runs.daemon_enclave.calls == runs.sim_enclave.calls == [("evidence", b"1" * 32)]
+    assert runs.daemon_events == runs.sim_events == ["evidence_not_made"]
