@@ -46,36 +46,44 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
         groups = [g for g in user.groups if g != user.gid]
         as_user = {"user": user.uid, "group": user.gid, "extra_groups": groups}
     stamp = files.crl_version  # the version write_broker_config staged
-    child = subprocess.Popen(
-        [binary, "-c", str(files.config)],
-        umask=0o077,
-        preexec_fn=_child_setup(os.getpid()),  # noqa: PLW1509 - single-threaded here
-        **as_user,
-    )
-    log.info(
-        "broker_started",
-        pid=child.pid,
-        user=user.name,
-        config=str(files.config),
-        crl=str(files.crl),
-        state=str(files.state_dir),
-    )
     reload_requested, failed = False, list[str]()
+    started: list[subprocess.Popen[bytes]] = []
+    pending: list[int] = []  # a stop asked for before the broker was started
 
     def pass_on(signum: int, _frame: FrameType | None) -> None:
-        if child.returncode is None:
-            child.send_signal(signum)
+        if not started:
+            pending.append(signum)
+        elif started[0].returncode is None:
+            started[0].send_signal(signum)
 
     def request_reload(_signum: int, _frame: FrameType | None) -> None:
         nonlocal reload_requested
         reload_requested = True
 
+    # installed before the broker starts, so that no Ctrl-C falls between the two
     previous = {
         signal.SIGTERM: signal.signal(signal.SIGTERM, pass_on),
         signal.SIGINT: signal.signal(signal.SIGINT, pass_on),
         signal.SIGHUP: signal.signal(signal.SIGHUP, request_reload),
     }
     try:
+        child = subprocess.Popen(
+            [binary, "-c", str(files.config)],
+            umask=0o077,
+            preexec_fn=_child_setup(os.getpid()),  # noqa: PLW1509 - single-threaded here
+            **as_user,
+        )
+        started.append(child)
+        for signum in pending:
+            child.send_signal(signum)
+        log.info(
+            "broker_started",
+            pid=child.pid,
+            user=user.name,
+            config=str(files.config),
+            crl=str(files.crl),
+            state=str(files.state_dir),
+        )
         while True:
             try:
                 code = child.wait(poll_s)
@@ -90,13 +98,14 @@ def run_broker(home: FleetHome, files: BrokerFiles, *, poll_s: float = POLL_S) -
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        if child.poll() is None:  # we are leaving on an exception: do not leave it behind
-            child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        for child in started:
+            if child.poll() is None:  # leaving on an exception: do not leave it behind
+                child.terminate()
+                try:
+                    child.wait(10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
 
 
 def _reload(
@@ -138,6 +147,11 @@ def _child_setup(parent: int) -> Callable[[], None]:
     the open-file limit raised to its hard limit (one descriptor per connected device)."""
 
     def setup() -> None:
+        # a stop passed on before Mosquitto installs its handlers must still stop it: the default
+        # action, even where this process was started with SIGINT ignored (a shell's background
+        # job), which an exec would otherwise hand down
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # it died before the call

@@ -23,11 +23,22 @@ def _strongroom(*args: str) -> list[str]:
     return [sys.executable, "-m", "strongroom.cli", *args]  # no --log-level: the default
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class _Daemon:
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, *, sigint_ignored: bool = False) -> None:
+        """`sigint_ignored`: started as a shell without job control starts a background job
+        (SIGINT ignored, which an exec hands down), as CI may start the tests."""
         self.log_path = log
         self._log = log.open("wb")
-        self.p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self._log)
+        self.p = subprocess.Popen(
+            argv,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            preexec_fn=_ignore_sigint if sigint_ignored else None,  # noqa: PLW1509 - no threads
+        )
 
     def lines(self) -> list[dict[str, Any]]:
         out = []
@@ -125,9 +136,12 @@ def test_status_watch_says_where_it_connects_and_stops_on_ctrl_c(
     _stops_cleanly(daemon)
 
 
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["terminal", "background-job"])
 def test_broker_run_says_its_listener_crl_and_user_and_stops_on_ctrl_c(
-    fleet_home: FleetHome, tmp_path: Path
+    fleet_home: FleetHome, tmp_path: Path, sigint_ignored: bool
 ) -> None:
+    """Ctrl-C right after the start stops Mosquitto too: a SIGINT passed on before it installs
+    its handlers used to be lost where SIGINT was inherited ignored, and `broker run` waited."""
     require_mosquitto()
     place = Broker(fleet_home, free_port(), tmp_path)
     daemon = _Daemon(
@@ -136,6 +150,7 @@ def test_broker_run_says_its_listener_crl_and_user_and_stops_on_ctrl_c(
             "--state-dir", str(place.state_dir),
         ),
         tmp_path / "broker.log",
+        sigint_ignored=sigint_ignored,
     )  # fmt: skip
     starting = daemon.event("broker_starting")
     assert starting["listener"] == f"127.0.0.1:{place.port}"

@@ -72,15 +72,16 @@ def _status(args: argparse.Namespace) -> int:
             broker=feed.mqtt.where,
             identity=feed.mqtt.settings.client_id,
         )
+    stop = stop_event() if args.watch else None
     try:
-        feed.collect(args.settle)
-        if not args.watch:
+        if not feed.collect(args.settle, until=stop.is_set if stop else None):
+            return 0  # interrupted before the broker was reached
+        if stop is None:
             if args.json:
                 print(json.dumps(_document(live), indent=2, sort_keys=True))
             else:
                 Console().print(render(_document(live)))
             return 0
-        stop = stop_event()
         if args.json:  # one document per line whenever something changed
             seen = -1
             while not stop.is_set():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -113,10 +114,23 @@ class FleetFeed:
         self.live.use(apply)
         self._last_home_poll = time.monotonic()
 
-    def collect(self, settle_s: float, quiet_s: float = 0.3) -> None:
+    def collect(
+        self, settle_s: float, quiet_s: float = 0.3, until: Callable[[], bool] | None = None
+    ) -> bool:
         """Connect, subscribe and apply messages until none came for `quiet_s` (the retained
-        ones arrive right after subscribing) or `settle_s` has passed."""
+        ones arrive right after subscribing) or `settle_s` has passed. Without `until`, a broker
+        not reached within the connect timeout is an MqttError; with it (a watcher), the client
+        keeps retrying (the adapter logs each new cause) until connected, or until `until()` says
+        to give up: then False."""
         self.mqtt.start()
+        while until is not None and not until():
+            try:
+                self.mqtt.wait_connected(1.0)
+                break
+            except MqttError:
+                continue
+        if until is not None and until():
+            return False
         self.mqtt.wait_connected(self.config.connect_timeout_s)
         self._subscribe()
         self.live.connected = True
@@ -125,6 +139,7 @@ class FleetFeed:
         while time.monotonic() < deadline:
             if not self.pump(min(quiet_s, max(0.0, deadline - time.monotonic()))):
                 break
+        return True
 
     # -- as a thread ---------------------------------------------------------------------------
 
