@@ -16,7 +16,7 @@ from agent.local_api import LocalApi, call
 from agent.lock import PID_FILE, AgentLock, AgentRunning, holder
 from strongroom.cli import EXIT_ENVIRONMENT
 from strongroom.errors import EnvironmentFault, InputError
-from tests.fleet import Fleet, Proc, cli, short_socket_dir, wait_until
+from tests.fleet import Fleet, Proc, children_of, cli, short_socket_dir, wait_until
 
 
 def test_a_second_lock_on_one_bundle_names_the_holder_whatever_its_state(tmp_path: Path) -> None:
@@ -185,18 +185,6 @@ def test_enclave_run_is_refused_while_an_agent_holds_the_bundle(
     assert first.p.poll() is None
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.parent.name))
-    return found
-
-
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -209,9 +197,9 @@ def test_the_platform_and_enclave_run_outside_the_terminals_group_and_stop_with_
     fleet: Fleet, sig: signal.Signals
 ) -> None:
     agent = _serving_agent(fleet)
-    platform = _children(agent.p.pid)
+    platform = children_of(agent.p.pid)
     assert len(platform) == 1, "the agent's platform process is not running"
-    enclave = _children(platform[0])
+    enclave = children_of(platform[0])
     assert len(enclave) == 1, "the enclave process is not running"
     # a Ctrl-C signals the terminal's process group, the agent's: the platform (from its start)
     # and its enclave are in a group of their own

@@ -45,7 +45,7 @@ from tests.device_venv import (
     needs_install,
     requirement_name,
 )
-from tests.fleet import Proc, free_port, require_mosquitto, wait_until
+from tests.fleet import Proc, children_of, free_port, require_mosquitto, wait_until
 
 pytestmark = [pytest.mark.integration, needs_install]
 
@@ -208,24 +208,12 @@ class _ProcessGroup(Proc):
         )
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = entry.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.parent.name))
-    return found
-
-
 def _interrupt_as_a_terminal_does(agent: Proc) -> None:
     """Ctrl-C: SIGINT to the agent's whole process group (its platform and enclave run in one of
     their own); every one stops, none with a traceback."""
-    platform = _children(agent.p.pid)
+    platform = children_of(agent.p.pid)
     assert platform, "the agent's platform process is not running"
-    enclave = [pid for parent in platform for pid in _children(parent)]
+    enclave = [pid for parent in platform for pid in children_of(parent)]
     assert enclave, "the enclave process is not running"
     os.killpg(agent.p.pid, signal.SIGINT)
     assert agent.p.wait(30) in (0, 130)  # 130: `strongroom: interrupted`
