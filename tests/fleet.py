@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import pytest
 
+from agent.daemon import AgentConfig
 from provisioning.broker import broker_user, find_mosquitto, prepare_state_dir, scratch_state_dir
 from provisioning.home import DASHBOARD_CN, FleetHome
 from strongroom import messages, topics
@@ -33,6 +34,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def offline_agent_config(root: Path, bundle: Path, **overrides: Any) -> AgentConfig:
+    """An agent's configuration for tests that drive the daemon without a broker: port 1, where
+    nothing listens; its image, state and socket under `root`."""
+    settings: dict[str, Any] = {
+        "bundle": bundle,
+        "broker_host": "127.0.0.1",
+        "broker_port": 1,
+        "image": root / "enclave.img",
+        "artifacts": (),
+        "state_dir": root / "state",
+        "socket": root / "agent.sock",
+    }
+    return AgentConfig(**(settings | overrides))
 
 
 def children_of(pid: int) -> list[int]:

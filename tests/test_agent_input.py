@@ -9,26 +9,18 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from agent.daemon import AgentConfig, AgentDaemon
+from agent.daemon import AgentDaemon
 from provisioning.enroll import enroll_device
 from provisioning.home import FleetHome
 from strongroom import messages, topics
 from strongroom.mqtt import Inbound
+from tests.fleet import offline_agent_config
 
 
 def _daemon(tmp_path: Path, fleet_home: FleetHome) -> AgentDaemon:
     bundle = tmp_path / "cam-a"
     enroll_device(fleet_home, "cam-a", bundle)
-    config = AgentConfig(
-        bundle=bundle,
-        broker_host="127.0.0.1",
-        broker_port=1,
-        image=tmp_path / "enclave.img",
-        artifacts=(),
-        state_dir=tmp_path / "state",
-        socket=tmp_path / "agent.sock",
-    )
-    return AgentDaemon(config)
+    return AgentDaemon(offline_agent_config(tmp_path, bundle))
 
 
 def test_a_defect_met_by_one_message_is_logged_and_the_agent_goes_on(

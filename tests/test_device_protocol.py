@@ -23,7 +23,7 @@ import pytest
 import structlog
 from structlog.testing import capture_logs
 
-from agent.daemon import AgentConfig, AgentDaemon
+from agent.daemon import AgentDaemon
 from agent.errors import EnclaveError
 from agent.outbox import Outbox
 from agent.pending import MemoryOutbox, Pending
@@ -54,6 +54,7 @@ from strongroom.fsutil import read_file
 from strongroom.mqtt import Inbound, MqttError
 from strongroom.retry import Backoff
 from strongroom.signing import SigningKey, VerifyKey
+from tests.fleet import offline_agent_config
 
 DEVICE = "cam-p"
 KEY = "ab" * 16
@@ -1006,13 +1007,10 @@ def _run_both(
     interval = 30.0
 
     short = Path(tempfile.mkdtemp(prefix="sr-", dir="/tmp"))  # a socket path's length limit
-    config = AgentConfig(
-        bundle=bundle,
-        broker_host="127.0.0.1",
-        broker_port=1,
-        image=tmp_path / "enclave.img",
+    config = offline_agent_config(
+        tmp_path,
+        bundle,
         artifacts=(kit.model,),
-        state_dir=tmp_path / "state",
         socket=short / "agent.sock",
         attest_interval_s=interval,
     )
@@ -1122,15 +1120,7 @@ def test_a_command_obeyed_before_a_restart_is_not_obeyed_again_after_it(
 ) -> None:
     bundle = tmp_path / DEVICE
     enroll_device(fleet_home, DEVICE, bundle)
-    config = AgentConfig(
-        bundle=bundle,
-        broker_host="127.0.0.1",
-        broker_port=1,
-        image=tmp_path / "enclave.img",
-        artifacts=(),
-        state_dir=tmp_path / "state",
-        socket=tmp_path / "agent.sock",
-    )
+    config = offline_agent_config(tmp_path, bundle)
     signer_pem = read_file(fleet_home.root / "verifier" / "result-signing.key", "result key")
     command = sign_command(Command.revoke(DEVICE, "stolen", T0), SigningKey.from_pem(signer_pem))
     retained = Inbound(topics.device_topic(DEVICE, topics.COMMAND), command, True)

@@ -139,15 +139,20 @@ def test_a_healthy_fleet_home_is_ok_and_a_readable_ca_key_is_an_error(
     assert "ca.key" in found["permissions"]["what"]
 
 
+def _enroll_expiring_in_10_days(home: FleetHome, device: str, bundle: Path) -> None:
+    """Enroll `device`, its registered certificate then reissued to end in 10 days."""
+    _enroll(home, device, bundle)
+    soon = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.LEAF_DAYS - 10)
+    issued = ca.issue(home.ca_issued(), home.fleet_id, device, now=soon)
+    for old in (home.root / "ca/issued" / device).glob("*.pem"):
+        old.unlink()
+    (home.root / "ca/issued" / device / "1.pem").write_bytes(issued.cert_pem)
+
+
 def test_a_device_certificate_near_its_end_is_a_warning(
     run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
 ) -> None:
-    _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
-    soon = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.LEAF_DAYS - 10)
-    issued = ca.issue(fleet_home.ca_issued(), fleet_home.fleet_id, "cam-1", now=soon)
-    for old in (fleet_home.root / "ca/issued/cam-1").glob("*.pem"):
-        old.unlink()
-    (fleet_home.root / "ca/issued/cam-1/1.pem").write_bytes(issued.cert_pem)
+    _enroll_expiring_in_10_days(fleet_home, "cam-1", tmp_path / "cam-1")
     _code, found = _doctor(run_cli, "--home", fleet_home.root)
     assert found["devices.expiry"]["level"] == "warning"
     assert "cam-1" in found["devices.expiry"]["what"]
@@ -224,12 +229,7 @@ def test_a_bad_broker_url_is_a_usage_error_before_any_check(
 def test_a_revoked_device_is_not_told_to_re_enroll(
     run_cli: RunCli, fleet_home: FleetHome, tmp_path: Path
 ) -> None:
-    _enroll(fleet_home, "cam-1", tmp_path / "cam-1")
-    soon = dt.datetime.now(dt.UTC) - dt.timedelta(days=ca.LEAF_DAYS - 10)
-    issued = ca.issue(fleet_home.ca_issued(), fleet_home.fleet_id, "cam-1", now=soon)
-    for old in (fleet_home.root / "ca/issued/cam-1").glob("*.pem"):
-        old.unlink()
-    (fleet_home.root / "ca/issued/cam-1/1.pem").write_bytes(issued.cert_pem)
+    _enroll_expiring_in_10_days(fleet_home, "cam-1", tmp_path / "cam-1")
     set_status(fleet_home, "cam-1", REVOKED, reason="stolen", by="test")
     _code, found = _doctor(run_cli, "--home", fleet_home.root)
     assert found["devices.expiry"]["level"] == "ok", found["devices.expiry"]
